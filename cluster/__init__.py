@@ -1,0 +1,1 @@
+"""Cluster configs and job submission (KubeRay, ray up; see the cluster issue)."""

@@ -1,0 +1,1 @@
+"""Ray Data batch jobs: embed (images -> feature store), later caption."""

@@ -1,0 +1,56 @@
+"""Connecting a batch job to Ray and sizing its actor pools."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import ray
+
+import pipelines
+import pixelray
+
+
+def init_ray(address: str | None = None) -> None:
+    """Join the cluster at `address` (or RAY_ADDRESS), else start a local Ray instance.
+
+    When joining an existing cluster the project's own packages travel with the job
+    (runtime_env py_modules), so workers run the same code as the driver.
+    """
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address, runtime_env={"py_modules": [pixelray, pipelines]})
+    else:
+        ray.init()
+
+
+@dataclass(frozen=True)
+class PoolPlan:
+    """How many model actors run, and what each one asks the scheduler for."""
+
+    size: int
+    num_gpus: float
+    num_cpus: float
+    torch_threads: int  # 0: leave torch's default (GPU actors)
+
+    def remote_args(self) -> dict[str, float]:
+        return {"num_gpus": self.num_gpus, "num_cpus": self.num_cpus} if self.num_gpus else {
+            "num_cpus": self.num_cpus}
+
+
+def plan_pool(num_actors: int | None, device: str, cpus_per_actor: float = 0.5) -> PoolPlan:
+    """GPUs present (and not forced to cpu): one actor per GPU. Otherwise CPU actors that
+    reserve only a fraction of a core, so the decode tasks are never starved (a whole core
+    each on a 2-core machine deadlocks the reads), and use the node's cores for torch."""
+    gpus = int(ray.cluster_resources().get("GPU", 0))
+    if gpus and device in ("auto", "cuda"):
+        size = num_actors or gpus
+        return PoolPlan(size=size, num_gpus=1.0 if size <= gpus else gpus / size, num_cpus=1.0,
+                        torch_threads=0)
+    if device == "cuda":
+        raise RuntimeError("--device cuda was asked for but the Ray cluster has no GPUs")
+    size = num_actors or 1
+    cores = max(1, int(ray.cluster_resources().get("CPU", 1)) // max(1, len(ray.nodes())))
+    return PoolPlan(size=size, num_gpus=0.0, num_cpus=cpus_per_actor, torch_threads=max(1, cores // size))

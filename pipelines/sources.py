@@ -1,0 +1,258 @@
+"""Where images come from: a folder, a glob, a list file, or Parquet / tar shards.
+
+`resolve_input(uri)` lists the input once on the driver through a pyarrow
+filesystem (local paths, file://, s3://, gs://, hdfs:// ... all by construction)
+and classifies it. `read_images(source, ...)` turns it into a Ray Dataset of
+raw image bytes with columns `image_id`, `path`, `data`, `error_type`, `error`
+(empty strings when there is no error): a file that cannot be read becomes a row
+with an error, never an exception.
+
+Every image has a stable `path`: the file's absolute path or URI, or
+`SHARD#MEMBER` for an image inside a tar shard and `SHARD#KEY` (or `SHARD#ROW`)
+for one inside a Parquet shard. `image_id` is a hash of it, so reruns can skip
+what is already stored.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import tarfile
+from dataclasses import dataclass
+from typing import Iterator, Literal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import ray
+
+from pixelray.images import IMAGE_EXTENSIONS, image_id
+
+LIST_EXTENSIONS = (".txt", ".lst", ".list")
+PARQUET_IMAGE_COLUMNS = ("image", "jpg", "jpeg", "png", "webp", "img", "image_bytes", "bytes")
+PARQUET_KEY_COLUMNS = ("path", "key", "__key__", "id", "image_id", "file_name", "filename", "url")
+SHARD_BATCH_ROWS = 64
+
+SourceKind = Literal["files", "parquet", "tar"]
+
+
+@dataclass
+class Source:
+    kind: SourceKind
+    uris: list[str]  # image files, or shard files, as stable absolute paths / URIs
+    filesystem: pafs.FileSystem
+    skipped_files: int = 0  # non-image files ignored while listing a folder
+
+    def __len__(self) -> int:
+        return len(self.uris)
+
+
+def split_uri(uri: str) -> tuple[pafs.FileSystem, str, str]:
+    """(filesystem, path inside it, prefix that turns the path back into a URI)."""
+    if "://" not in uri:
+        return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri)), ""
+    fs, path = pafs.FileSystem.from_uri(uri)
+    scheme = uri.split("://", 1)[0]
+    return fs, path, "" if scheme == "file" else f"{scheme}://"
+
+
+def _has_glob(path: str) -> bool:
+    return any(c in path for c in "*?[")
+
+
+def _glob_match(path: str, pattern: str) -> bool:
+    """Shell-style match per path segment; `**` matches any number of segments."""
+    def match(p: list[str], q: list[str]) -> bool:
+        if not q:
+            return not p
+        if q[0] == "**":
+            return any(match(p[i:], q[1:]) for i in range(len(p) + 1))
+        return bool(p) and fnmatch.fnmatchcase(p[0], q[0]) and match(p[1:], q[1:])
+
+    return match(path.strip("/").split("/"), pattern.strip("/").split("/"))
+
+
+def _list_files(fs: pafs.FileSystem, base: str) -> list[str]:
+    infos = fs.get_file_info(pafs.FileSelector(base, recursive=True))
+    return sorted(
+        i.path for i in infos
+        if i.type == pafs.FileType.File and not any(part.startswith((".", "_")) for part in
+                                                    i.path[len(base):].split("/"))
+    )
+
+
+def _ext(path: str) -> str:
+    return os.path.splitext(path)[1].lower()
+
+
+def resolve_input(uri: str) -> Source:
+    """List and classify an input; raises ValueError with a clear message when it is unusable."""
+    fs, path, prefix = split_uri(uri)
+    from_folder = False
+    if _has_glob(path):
+        cut = min(path.index(c) for c in "*?[" if c in path)
+        base = path[: path.rfind("/", 0, cut)] or "/"
+        if fs.get_file_info(base).type != pafs.FileType.Directory:
+            raise ValueError(f"input {uri!r}: {prefix}{base} is not a directory")
+        paths = [p for p in _list_files(fs, base) if _glob_match(p, path)]
+    else:
+        info = fs.get_file_info(path)
+        if info.type == pafs.FileType.NotFound:
+            raise ValueError(f"input {uri!r} does not exist")
+        if info.type == pafs.FileType.Directory:
+            paths, from_folder = _list_files(fs, path), True
+        elif _ext(path) in LIST_EXTENSIONS:
+            return _from_list_file(fs, path, prefix, uri)
+        else:
+            paths = [path]
+    return _classify([prefix + p for p in paths], fs, uri, from_folder)
+
+
+def _from_list_file(fs: pafs.FileSystem, path: str, prefix: str, uri: str) -> Source:
+    with fs.open_input_stream(path) as f:
+        lines = f.read().decode("utf-8").splitlines()
+    base = os.path.dirname(path)
+    entries = []
+    for line in lines:
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        if "://" in line or line.startswith("/"):
+            entries.append(line if "://" in line or prefix else os.path.normpath(line))
+        else:
+            entries.append(prefix + os.path.normpath(f"{base}/{line}"))
+    schemes = {e.split("://", 1)[0] if "://" in e else "" for e in entries}
+    if len(schemes) > 1:
+        raise ValueError(f"list file {uri!r} mixes filesystems ({', '.join(sorted(schemes))}); use one per job")
+    if entries and "://" in entries[0] and not prefix:
+        fs = split_uri(entries[0])[0]
+    # A list names its files explicitly: every entry is attempted, whatever its extension.
+    return Source("files", entries, fs) if entries else _classify([], fs, uri, False)
+
+
+def _classify(uris: list[str], fs: pafs.FileSystem, uri: str, from_folder: bool) -> Source:
+    images = [u for u in uris if _ext(u) in IMAGE_EXTENSIONS]
+    parquet = [u for u in uris if _ext(u) == ".parquet"]
+    tars = [u for u in uris if _ext(u) == ".tar"]
+    if from_folder:
+        if images:
+            return Source("files", images, fs, skipped_files=len(uris) - len(images))
+        if parquet or tars:
+            return Source("parquet", parquet, fs) if parquet else Source("tar", tars, fs)
+        raise ValueError(f"input {uri!r}: no images ({', '.join(sorted(IMAGE_EXTENSIONS))}), "
+                         "Parquet or tar shards found")
+    if not uris:
+        raise ValueError(f"input {uri!r} matches no files")
+    if (parquet and tars) or ((parquet or tars) and len(parquet) + len(tars) != len(uris)):
+        raise ValueError(f"input {uri!r} mixes image files, Parquet and tar shards; give one kind per job")
+    if parquet:
+        return Source("parquet", parquet, fs)
+    if tars:
+        return Source("tar", tars, fs)
+    return Source("files", uris, fs)  # explicitly named files are all attempted
+
+
+def _fs_path(uri: str) -> str:
+    return uri.split("://", 1)[1] if "://" in uri else uri
+
+
+def read_files(batch: dict[str, np.ndarray], filesystem: pafs.FileSystem) -> dict[str, list]:
+    """Read each file's bytes; an unreadable file becomes an error row."""
+    out: dict[str, list] = {"image_id": [], "path": [], "data": [], "error_type": [], "error": []}
+    for uri, iid in zip(batch["path"], batch["image_id"]):
+        data, kind, err = b"", "", ""
+        try:
+            with filesystem.open_input_stream(_fs_path(uri)) as f:
+                data = f.read()
+        except Exception as e:
+            kind, err = "unreadable", f"cannot read file: {e}"
+        for key, value in zip(out, (iid, uri, data, kind, err)):
+            out[key].append(value)
+    return out
+
+
+def _batch(rows: list[tuple], done: np.ndarray) -> dict[str, list] | None:
+    ids = [image_id(r[0]) for r in rows]
+    keep = ~_isin(np.array(ids, dtype="S32"), done)
+    out: dict[str, list] = {"image_id": [], "path": [], "data": [], "error_type": [], "error": []}
+    for k, iid, (path, data, kind, err) in zip(keep, ids, rows):
+        if k:
+            for key, value in zip(out, (iid, path, data, kind, err)):
+                out[key].append(value)
+    return out if out["path"] else None
+
+
+def read_shards(batch: dict[str, np.ndarray], filesystem: pafs.FileSystem, kind: SourceKind,
+                done_ref: ray.ObjectRef | np.ndarray) -> Iterator[dict[str, list]]:
+    """Stream the images out of each shard in small batches, skipping ids already stored."""
+    done = ray.get(done_ref) if isinstance(done_ref, ray.ObjectRef) else done_ref
+    for shard in batch["path"]:
+        rows: list[tuple] = []
+        for row in (_tar_members if kind == "tar" else _parquet_rows)(filesystem, shard):
+            rows.append(row)
+            if len(rows) >= SHARD_BATCH_ROWS:
+                if (out := _batch(rows, done)) is not None:
+                    yield out
+                rows = []
+        if rows and (out := _batch(rows, done)) is not None:
+            yield out
+
+
+def _tar_members(fs: pafs.FileSystem, shard: str) -> Iterator[tuple]:
+    try:
+        with fs.open_input_stream(_fs_path(shard)) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
+            for member in tar:
+                if member.isfile() and _ext(member.name) in IMAGE_EXTENSIONS:
+                    yield f"{shard}#{member.name}", tar.extractfile(member).read(), "", ""
+    except Exception as e:  # a corrupt shard is recorded, the job goes on
+        yield f"{shard}#", b"", "unreadable_shard", f"cannot read tar shard (rest of shard lost): {e}"
+
+
+def _parquet_rows(fs: pafs.FileSystem, shard: str) -> Iterator[tuple]:
+    try:
+        pf = pq.ParquetFile(fs.open_input_file(_fs_path(shard)))
+        names = pf.schema_arrow.names
+        image_col = next((c for c in PARQUET_IMAGE_COLUMNS if c in names), None)
+        if image_col is None:
+            raise ValueError(f"no image column (looked for {', '.join(PARQUET_IMAGE_COLUMNS)})")
+        key_col = next((c for c in PARQUET_KEY_COLUMNS if c in names), None)
+        columns = [image_col] + ([key_col] if key_col else [])
+        row = 0
+        for rb in pf.iter_batches(columns=columns, batch_size=SHARD_BATCH_ROWS):
+            images = rb.column(image_col)
+            if pa.types.is_struct(images.type):  # Hugging Face datasets: {bytes, path}
+                images = images.field("bytes")
+            keys = rb.column(key_col).to_pylist() if key_col else range(row, row + rb.num_rows)
+            for data, key in zip(images.to_pylist(), keys):
+                yield f"{shard}#{key}", data or b"", "", ""
+            row += rb.num_rows
+    except Exception as e:
+        yield f"{shard}#", b"", "unreadable_shard", f"cannot read Parquet shard (rest of shard lost): {e}"
+
+
+def _isin(ids: np.ndarray, done_sorted: np.ndarray) -> np.ndarray:
+    if not len(done_sorted) or not len(ids):
+        return np.zeros(len(ids), dtype=bool)
+    pos = np.searchsorted(done_sorted, ids).clip(max=len(done_sorted) - 1)
+    return done_sorted[pos] == ids
+
+
+def read_images(source: Source, done: np.ndarray, rows_per_block: int = 256) -> ray.data.Dataset:
+    """Dataset of raw image bytes whose ids are not in `done` (a sorted array of S32 ids)."""
+    if source.kind == "files":
+        ids = np.array([image_id(u) for u in source.uris], dtype="S32")
+        keep = ~_isin(ids, done)
+        paths = [u for u, k in zip(source.uris, keep) if k]
+        ids_kept = [i.decode() for i in ids[keep]]
+        table = pa.table({"image_id": ids_kept, "path": paths})
+        blocks = [table.slice(i, rows_per_block) for i in range(0, max(len(paths), 1), rows_per_block)]
+        ds = ray.data.from_arrow(blocks).map_batches(
+            read_files, fn_kwargs={"filesystem": source.filesystem}, batch_size=None, batch_format="numpy"
+        )
+        return ds
+    shards = ray.data.from_items([{"path": u} for u in source.uris], override_num_blocks=len(source.uris))
+    return shards.map_batches(
+        read_shards, batch_size=1, batch_format="numpy",
+        fn_kwargs={"filesystem": source.filesystem, "kind": source.kind, "done_ref": ray.put(done)},
+    )

@@ -1,0 +1,77 @@
+"""The `pixelray` command line.
+
+Run as:
+    pixelray embed INPUT --out DIR [--encoder NAME] [--batch-size N] [--patches] [--resume]
+    pixelray models
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from pixelray.hub import ModelNotAvailableError
+
+
+def _embed_parser(sub) -> None:
+    p = sub.add_parser("embed", help="images -> Parquet feature store (Ray Data encoder actors)",
+                       description="Embed every image of INPUT into DIR/features/*.parquet; bad images "
+                                   "go to DIR/errors/*.parquet and the job goes on.")
+    p.add_argument("input", help="a folder, a glob, a list file (.txt, one path or URI per line), or "
+                                 "Parquet/tar shards; any pyarrow filesystem URI (s3://, gs://, ...) works")
+    p.add_argument("--out", required=True, help="output directory or URI")
+    p.add_argument("--encoder", default="default",
+                   help="registry name (see `pixelray models`), local directory or hub id (default: %(default)s)")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--patches", action="store_true", help="also store patch features [num_patches, dim]")
+    p.add_argument("--normalize", action="store_true", help="L2-normalise embeddings and patch features")
+    p.add_argument("--resume", action="store_true", help="continue a store, skipping images already in it")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing store")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
+    p.add_argument("--dtype", default="fp32", choices=["auto", "fp32", "fp16", "bf16"])
+    p.add_argument("--num-encoders", type=int, default=None,
+                   help="encoder actors (default: one per GPU, or 1 on a CPU-only cluster)")
+    p.add_argument("--rows-per-file", type=int, default=1000, help="rows per output Parquet file")
+    p.add_argument("--max-image-bytes", type=int, default=None)
+    p.add_argument("--max-image-pixels", type=int, default=None)
+    p.add_argument("--address", default=None,
+                   help="Ray cluster address (default: RAY_ADDRESS, else a local Ray instance)")
+
+
+def _run_embed(args: argparse.Namespace) -> int:
+    from pipelines.embed import EmbedConfig, run_embed
+
+    fields = {k: v for k, v in vars(args).items() if k not in ("command",) and v is not None}
+    cfg = EmbedConfig(**fields)
+    if cfg.encoder == "default":
+        print("note: encoder 'default' has random weights (for debugging pipelines); "
+              "use --encoder clip or dinov2 for meaningful features", file=sys.stderr)
+    print(run_embed(cfg))
+    return 0
+
+
+def _run_models(args: argparse.Namespace) -> int:
+    from pixelray.encoders import list_encoders
+
+    print("encoders (pixelray embed --encoder NAME; also a local directory or a hub id):")
+    for name, desc in list_encoders().items():
+        print(f"  {name:20s} {desc}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="pixelray", description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    _embed_parser(sub)
+    sub.add_parser("models", help="list the models the registry knows")
+    args = parser.parse_args(argv)
+    handlers = {"embed": _run_embed, "models": _run_models}
+    try:
+        return handlers[args.command](args)
+    except (ValueError, FileExistsError, ModelNotAvailableError) as e:
+        print(f"pixelray {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

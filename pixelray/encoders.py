@@ -1,0 +1,293 @@
+"""Vision encoder registry.
+
+    spec = resolve_encoder("clip")              # or "dinov2-small", "default", a directory, a hub id
+    encoder = create_encoder(spec, device="auto", normalize=True)
+    out = encoder.encode(encoder.preprocess(pil_images))
+    out.embedding  # [batch, dim]            pooled embedding
+    out.patches    # [batch, num_patches, d] patch features
+
+Names are data (`REGISTRY`); any name may also be a local directory (an open_clip
+folder with open_clip_config.json, or a transformers folder with config.json)
+or a hub id (`org/name` for transformers, `hf-hub:org/name` for open_clip).
+Weights are loaded by each library's own loading code (open_clip pretrained
+tags, `from_pretrained`), so nothing here downloads by itself: offline, a
+model that is not in the local cache fails with a message saying how to get it.
+
+`EncoderSpec.preprocessor()` builds only the preprocessing (no weights), so the
+batch pipeline can resize and normalise in CPU tasks while the model runs in
+GPU actors.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Literal
+
+import numpy as np
+import torch
+from PIL import Image
+from pydantic import BaseModel, ConfigDict
+
+from pixelray.device import resolve_device, resolve_dtype
+from pixelray.hub import not_available
+
+Backend = Literal["open_clip", "hf"]
+
+
+class EncoderSpec(BaseModel):
+    """Everything needed to build an encoder's preprocessing and its model, on any node."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    backend: Backend
+    source: str  # open_clip model name (may carry local-dir:/hf-hub:), or a transformers id/dir
+    pretrained: str | None = None  # open_clip pretrained tag
+    random_config: dict[str, Any] | None = None  # transformers config for a random-init model
+    preprocess: dict[str, Any] | None = None  # resolved open_clip preprocess config
+    description: str = ""
+
+    def preprocessor(self) -> Callable[[list[Image.Image]], np.ndarray]:
+        """Images -> float32 array [batch, 3, H, W], without loading any weights."""
+        if self.backend == "open_clip":
+            from open_clip.transform import PreprocessCfg, image_transform_v2
+
+            transform = image_transform_v2(PreprocessCfg(**self.preprocess), is_train=False)
+            return lambda images: torch.stack([transform(im) for im in images]).numpy()
+        processor = _hf_image_processor(self)
+        return lambda images: np.asarray(
+            processor(images=images, return_tensors="np")["pixel_values"], dtype=np.float32
+        )
+
+
+# --- the registry -------------------------------------------------------------------------
+
+CLIP_ARCHS = {  # registry name -> (open_clip architecture, default pretrained tag)
+    "clip-vit-b-32": ("ViT-B-32", "openai"),
+    "clip-vit-b-16": ("ViT-B-16", "openai"),
+    "clip-vit-l-14": ("ViT-L-14", "openai"),
+    "clip-vit-l-14-336": ("ViT-L-14-336", "openai"),
+}
+DINOV2_SIZES = ("small", "base", "large", "giant")
+DEFAULT_VIT = dict(  # the `default` encoder: a randomly initialised ViT for debugging pipelines
+    model_type="vit", hidden_size=768, num_hidden_layers=4, num_attention_heads=12,
+    intermediate_size=3072, image_size=224, patch_size=16,
+)
+
+REGISTRY: dict[str, dict[str, Any]] = {
+    "clip": dict(alias="clip-vit-b-32"),
+    **{
+        name: dict(backend="open_clip", source=arch, pretrained=tag,
+                   description=f"open_clip {arch} ({tag} weights); any tag via {name}:TAG")
+        for name, (arch, tag) in CLIP_ARCHS.items()
+    },
+    "dinov2": dict(alias="dinov2-base"),
+    **{
+        f"dinov2-{size}": dict(backend="hf", source=f"facebook/dinov2-{size}",
+                               description=f"DINOv2 ViT-{size[0].upper()} through transformers")
+        for size in DINOV2_SIZES
+    },
+    "default": dict(backend="hf", source="", random_config=DEFAULT_VIT,
+                    description="random ViT (4 layers, width 768, seed 0) for debugging; needs no download"),
+}
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def list_encoders() -> dict[str, str]:
+    """Registry name -> one-line description."""
+    return {
+        name: entry.get("description") or f"alias of {entry['alias']}" for name, entry in REGISTRY.items()
+    }
+
+
+def resolve_encoder(name: str) -> EncoderSpec:
+    """Turn a registry name, local directory or hub id into an `EncoderSpec` (no weights loaded)."""
+    if isinstance(name, EncoderSpec):
+        return name
+    base, _, tag = name.partition(":") if name.split(":", 1)[0] in REGISTRY else (name, "", "")
+    if base in REGISTRY:
+        entry = REGISTRY[base]
+        if "alias" in entry:
+            return resolve_encoder(entry["alias"] + (f":{tag}" if tag else ""))
+        spec = dict(entry, name=name)
+        if tag:
+            if entry["backend"] != "open_clip":
+                raise ValueError(f"encoder {base!r} takes no pretrained tag (got {tag!r})")
+            spec["pretrained"] = tag
+        return _finish(EncoderSpec(**spec))
+    if name.startswith(("hf-hub:", "local-dir:")):
+        return _finish(EncoderSpec(name=name, backend="open_clip", source=name))
+    path = Path(name).expanduser()
+    if path.is_dir():
+        path = path.resolve()
+        if (path / "open_clip_config.json").is_file():
+            return _finish(EncoderSpec(name=name, backend="open_clip", source=f"local-dir:{path}"))
+        if (path / "config.json").is_file():
+            return _finish(EncoderSpec(name=name, backend="hf", source=str(path)))
+        raise ValueError(
+            f"directory {path} holds neither open_clip_config.json (open_clip) nor config.json (transformers)"
+        )
+    if _HUB_ID.match(name):
+        return _finish(EncoderSpec(name=name, backend="hf", source=name))
+    raise ValueError(
+        f"unknown encoder {name!r}: use one of {', '.join(REGISTRY)}, a local model directory, "
+        "a transformers hub id (org/name) or an open_clip hub id (hf-hub:org/name)"
+    )
+
+
+def _finish(spec: EncoderSpec) -> EncoderSpec:
+    """Resolve what the preprocessing needs now, so a bad name fails before any image is read."""
+    if spec.backend == "open_clip":
+        return spec.model_copy(update={"preprocess": _open_clip_preprocess(spec)})
+    _hf_image_processor(spec)  # validates that the processor can be loaded
+    return spec
+
+
+def _open_clip_preprocess(spec: EncoderSpec) -> dict[str, Any]:
+    import open_clip
+    from open_clip.transform import PreprocessCfg, merge_preprocess_dict
+
+    cfg = merge_preprocess_dict(PreprocessCfg(), {})
+    if spec.source.startswith(("local-dir:", "hf-hub:")):
+        saved = _open_clip_saved_config(spec.source)
+        model_cfg = saved["model_cfg"]
+        cfg = merge_preprocess_dict(cfg, saved.get("preprocess_cfg", {}))
+    else:
+        model_cfg = open_clip.get_model_config(spec.source)
+        if model_cfg is None:
+            raise ValueError(f"open_clip has no architecture {spec.source!r}")
+        if spec.pretrained:
+            tag_cfg = open_clip.get_pretrained_cfg(spec.source, spec.pretrained)
+            if not tag_cfg:
+                tags = open_clip.list_pretrained_tags_by_model(spec.source)
+                raise ValueError(
+                    f"open_clip {spec.source} has no pretrained tag {spec.pretrained!r}; known: {', '.join(tags)}"
+                )
+            cfg = merge_preprocess_dict(cfg, tag_cfg)
+    cfg["size"] = model_cfg["vision_cfg"]["image_size"]
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()}
+
+
+def _open_clip_saved_config(source: str) -> dict[str, Any]:
+    schema, ident = source.split(":", 1)
+    if schema == "local-dir":
+        return json.loads((Path(ident) / "open_clip_config.json").read_text())
+    from huggingface_hub import hf_hub_download
+
+    try:
+        return json.loads(Path(hf_hub_download(ident, "open_clip_config.json")).read_text())
+    except Exception as e:
+        raise not_available(source, e) from None
+
+
+def _hf_image_processor(spec: EncoderSpec):
+    from transformers import AutoImageProcessor, ViTImageProcessor
+
+    if spec.random_config is not None:
+        size = spec.random_config["image_size"]
+        return ViTImageProcessor(size={"height": size, "width": size})
+    try:
+        return AutoImageProcessor.from_pretrained(spec.source)
+    except Exception as e:
+        raise not_available(spec.source, e) from None
+
+
+# --- the encoders ---------------------------------------------------------------------------
+
+
+@dataclass
+class EncoderOutput:
+    embedding: torch.Tensor  # [batch, dim]
+    patches: torch.Tensor  # [batch, num_patches, patch_dim]
+
+
+class Encoder:
+    """A loaded vision encoder: `encode(pixel_values)` -> pooled embedding and patch features."""
+
+    def __init__(self, spec: EncoderSpec, model: torch.nn.Module, device: torch.device,
+                 dtype: torch.dtype, normalize: bool):
+        self.spec, self.model, self.device, self.dtype, self.normalize = spec, model, device, dtype, normalize
+        self.model.to(device=device, dtype=dtype).eval().requires_grad_(False)
+        self._preprocess = spec.preprocessor()
+
+    def preprocess(self, images: list[Image.Image]) -> torch.Tensor:
+        return torch.from_numpy(self._preprocess(images))
+
+    @torch.inference_mode()
+    def encode(self, pixel_values: torch.Tensor | np.ndarray) -> EncoderOutput:
+        pixels = torch.as_tensor(pixel_values).to(self.device, self.dtype, non_blocking=True)
+        embedding, patches = self._forward(pixels)
+        if self.normalize:
+            embedding = torch.nn.functional.normalize(embedding.float(), dim=-1)
+            patches = torch.nn.functional.normalize(patches.float(), dim=-1)
+        return EncoderOutput(embedding=embedding, patches=patches)
+
+    def __call__(self, images: list[Image.Image]) -> EncoderOutput:
+        return self.encode(self.preprocess(images))
+
+    def _forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raise NotImplementedError
+
+
+class OpenClipEncoder(Encoder):
+    """open_clip vision tower: pooled = projected image embedding, patches = ln_post tokens."""
+
+    def _forward(self, pixels):
+        pooled, tokens = self.model(pixels)
+        return pooled, tokens
+
+
+class HFEncoder(Encoder):
+    """transformers vision backbone: pooled = CLS token, patches = tokens after CLS and registers."""
+
+    def _forward(self, pixels):
+        hidden = self.model(pixel_values=pixels).last_hidden_state
+        prefix = 1 + int(getattr(self.model.config, "num_register_tokens", 0) or 0)
+        return hidden[:, 0], hidden[:, prefix:]
+
+
+def create_encoder(name: str | EncoderSpec, device: str = "auto", dtype: str = "fp32",
+                   normalize: bool = False) -> Encoder:
+    """Load an encoder by registry name, directory, hub id or resolved spec."""
+    spec = resolve_encoder(name)
+    dev = resolve_device(device)
+    torch_dtype = resolve_dtype(dtype, dev)
+    if spec.backend == "open_clip":
+        return OpenClipEncoder(spec, _load_open_clip(spec), dev, torch_dtype, normalize)
+    return HFEncoder(spec, _load_hf(spec), dev, torch_dtype, normalize)
+
+
+def _load_open_clip(spec: EncoderSpec) -> torch.nn.Module:
+    import open_clip
+
+    quick_gelu = False
+    if spec.pretrained:
+        quick_gelu = bool(open_clip.get_pretrained_cfg(spec.source, spec.pretrained).get("quick_gelu"))
+    try:
+        model = open_clip.create_model(spec.source, pretrained=spec.pretrained, force_quick_gelu=quick_gelu)
+    except Exception as e:
+        raise not_available(f"{spec.source} ({spec.pretrained or 'no tag'})", e) from None
+    visual = model.visual
+    if not hasattr(visual, "output_tokens"):
+        raise ValueError(f"open_clip model {spec.source} has no token output (not a ViT); patches unsupported")
+    visual.output_tokens = True
+    return visual
+
+
+def _load_hf(spec: EncoderSpec) -> torch.nn.Module:
+    from transformers import AutoConfig, AutoModel
+
+    if spec.random_config is not None:
+        cfg = dict(spec.random_config)
+        config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+        with torch.random.fork_rng():
+            torch.manual_seed(0)  # every actor must build the same weights
+            return AutoModel.from_config(config, add_pooling_layer=False)
+    try:
+        return AutoModel.from_pretrained(spec.source)
+    except Exception as e:
+        raise not_available(spec.source, e) from None

@@ -1,0 +1,1 @@
+"""Ray Serve apps, each with a typed build_app(args) (see the Serve issue)."""

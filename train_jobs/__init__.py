@@ -1,0 +1,1 @@
+"""Ray Train recipes: two-stage fine-tuning with DeepSpeed (see the training issue)."""
