@@ -24,7 +24,7 @@ import torch
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
-from pipelines.runtime import init_ray, plan_pool
+from pipelines.runtime import cluster_resources, init_ray, plan_pool
 from pipelines.sources import read_images, resolve_input
 from pipelines.store import Store
 from pixelray.encoders import EncoderSpec, create_encoder, resolve_encoder
@@ -189,11 +189,11 @@ def run_embed(cfg: EmbedConfig) -> EmbedSummary:
         print(f"note: ignored {source.skipped_files} non-image files under {cfg.input}", file=sys.stderr)
 
     init_ray(cfg.address)
-    plan = plan_pool(cfg.num_encoders, cfg.device)
+    plan = plan_pool(cfg.num_encoders, cfg.device, *cluster_resources())
     spec_json = spec.model_dump_json()
     limits = ImageLimits(max_bytes=cfg.max_image_bytes, max_pixels=cfg.max_image_pixels)
 
-    ds = read_images(source, done)
+    ds = read_images(source, done, rows_per_block=4 * cfg.batch_size)
     ds = ds.map_batches(decode_batch, fn_kwargs={"spec_json": spec_json, "limits": limits},
                         batch_size=cfg.batch_size, batch_format="numpy", num_cpus=cfg.decode_cpus)
     ds = ds.map_batches(

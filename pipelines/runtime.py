@@ -11,6 +11,11 @@ import pipelines
 import pixelray
 
 
+def cluster_resources() -> tuple[dict[str, float], int]:
+    """(total resources, number of alive nodes) of the connected cluster."""
+    return ray.cluster_resources(), sum(1 for n in ray.nodes() if n.get("Alive"))
+
+
 def init_ray(address: str | None = None) -> None:
     """Join the cluster at `address` (or RAY_ADDRESS), else start a local Ray instance.
 
@@ -40,11 +45,12 @@ class PoolPlan:
             "num_cpus": self.num_cpus}
 
 
-def plan_pool(num_actors: int | None, device: str, cpus_per_actor: float = 0.5) -> PoolPlan:
+def plan_pool(num_actors: int | None, device: str, resources: dict[str, float], nodes: int = 1,
+              cpus_per_actor: float = 0.5) -> PoolPlan:
     """GPUs present (and not forced to cpu): one actor per GPU. Otherwise CPU actors that
     reserve only a fraction of a core, so the decode tasks are never starved (a whole core
     each on a 2-core machine deadlocks the reads), and use the node's cores for torch."""
-    gpus = int(ray.cluster_resources().get("GPU", 0))
+    gpus = int(resources.get("GPU", 0))
     if gpus and device in ("auto", "cuda"):
         size = num_actors or gpus
         return PoolPlan(size=size, num_gpus=1.0 if size <= gpus else gpus / size, num_cpus=1.0,
@@ -52,5 +58,5 @@ def plan_pool(num_actors: int | None, device: str, cpus_per_actor: float = 0.5) 
     if device == "cuda":
         raise RuntimeError("--device cuda was asked for but the Ray cluster has no GPUs")
     size = num_actors or 1
-    cores = max(1, int(ray.cluster_resources().get("CPU", 1)) // max(1, len(ray.nodes())))
+    cores = max(1, int(resources.get("CPU", 1)) // max(1, nodes))
     return PoolPlan(size=size, num_gpus=0.0, num_cpus=cpus_per_actor, torch_threads=max(1, cores // size))

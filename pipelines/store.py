@@ -6,8 +6,8 @@
       errors/*.parquet     image_id, path, error_type, error: one row per bad image
 
 A job's rows carry an `error` column; `StoreSink` routes rows with an error to
-errors/ and the rest to the job's table, one file per write task, named
-`RUN-TASK.parquet`. Each file is written under a hidden temporary name and then
+errors/ and the rest to the job's table, in files of at most `rows_per_file`
+rows named `RUN-TASK-CHUNK.parquet`. Each file is written under a hidden temporary name and then
 renamed, so a reader (or a resumed run) never sees a half-written file. A rerun
 with resume reads the image_id column of both tables and skips those images.
 """
@@ -154,12 +154,12 @@ class StoreSink(Datasink[WriteStats]):
         failed = pc.is_valid(table["error"])
         good = table.filter(pc.invert(failed)).drop_columns(["error_type", "error"])
         bad = table.filter(failed).select(ERROR_SCHEMA.names).cast(ERROR_SCHEMA)
-        name = f"{self.run_id}-{ctx.task_idx:06d}.parquet"
-        fs = self.store.fs
         for sub, part in ((ERRORS, bad), (self.store.table, good)):
-            if part.num_rows:
-                write_parquet_atomic(part, fs, f"{self.store.dir(sub)}/{name}")
-                stats.files.append(f"{sub}/{name}")
+            for chunk, start in enumerate(range(0, part.num_rows, self.rows_per_file)):
+                name = f"{sub}/{self.run_id}-{ctx.task_idx:06d}-{chunk:04d}.parquet"
+                write_parquet_atomic(part.slice(start, self.rows_per_file), self.store.fs,
+                                     f"{self.store.root}/{name}")
+                stats.files.append(name)
         stats.rows, stats.errors = good.num_rows, bad.num_rows
         return stats
 

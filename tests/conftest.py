@@ -1,0 +1,43 @@
+"""Shared fixtures: one Ray instance per test session, tiny models, image folders."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+# Nothing may come from a model hub in tests; local Ray needs no token auth.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+sys.path.insert(0, str(Path(__file__).parent))
+
+from tiny_models import save_tiny_dinov2, save_tiny_open_clip  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def ray_address():
+    """Start Ray once for the whole session; yields the address other drivers can join."""
+    import ray
+
+    ctx = ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ctx.address_info["gcs_address"]
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def tiny_clip(tmp_path_factory) -> Path:
+    return save_tiny_open_clip(tmp_path_factory.mktemp("tiny-clip"))
+
+
+@pytest.fixture(scope="session")
+def tiny_dinov2(tmp_path_factory) -> Path:
+    return save_tiny_dinov2(tmp_path_factory.mktemp("tiny-dinov2"))
+
+
+@pytest.fixture(scope="session")
+def tiny_dinov2_registers(tmp_path_factory) -> Path:
+    return save_tiny_dinov2(tmp_path_factory.mktemp("tiny-dinov2-reg"), registers=2)
