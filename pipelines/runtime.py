@@ -47,9 +47,13 @@ class PoolPlan:
 
 def plan_pool(num_actors: int | None, device: str, resources: dict[str, float], nodes: int = 1,
               cpus_per_actor: float = 0.5) -> PoolPlan:
-    """GPUs present (and not forced to cpu): one actor per GPU. Otherwise CPU actors that
-    reserve only a fraction of a core, so the decode tasks are never starved (a whole core
-    each on a 2-core machine deadlocks the reads), and use the node's cores for torch."""
+    """GPUs present (and not forced to cpu): one actor per GPU.
+
+    CPU only: actors reserve a fraction of a core each, so the decode tasks are never starved
+    (a whole core per actor on a 2-core machine deadlocks the reads), and share the node's
+    cores between them: up to 8 cores, one single-threaded actor per core (separate processes
+    beat one process's intra-op threads on small machines); above that, 4 threads per actor.
+    """
     gpus = int(resources.get("GPU", 0))
     if gpus and device in ("auto", "cuda"):
         size = num_actors or gpus
@@ -57,6 +61,9 @@ def plan_pool(num_actors: int | None, device: str, resources: dict[str, float], 
                         torch_threads=0)
     if device == "cuda":
         raise RuntimeError("--device cuda was asked for but the Ray cluster has no GPUs")
-    size = num_actors or 1
-    cores = max(1, int(resources.get("CPU", 1)) // max(1, nodes))
-    return PoolPlan(size=size, num_gpus=0.0, num_cpus=cpus_per_actor, torch_threads=max(1, cores // size))
+    nodes = max(1, nodes)
+    cores = max(1, int(resources.get("CPU", 1)) // nodes)
+    per_node = cores if cores <= 8 else cores // 4
+    size = num_actors or per_node * nodes
+    threads = max(1, cores // max(1, round(size / nodes)))
+    return PoolPlan(size=size, num_gpus=0.0, num_cpus=cpus_per_actor, torch_threads=threads)

@@ -130,8 +130,11 @@ def test_pool_plan_requests_gpus_when_present():
     shared = plan_pool(8, "auto", {"CPU": 32, "GPU": 4}, nodes=2)
     assert shared.num_gpus == 0.5
     cpu = plan_pool(None, "auto", {"CPU": 2}, nodes=1)
-    assert (cpu.size, cpu.num_cpus, cpu.torch_threads) == (1, 0.5, 2)
+    assert (cpu.size, cpu.num_cpus, cpu.torch_threads) == (2, 0.5, 1)
     assert "num_gpus" not in cpu.remote_args()
+    assert plan_pool(1, "auto", {"CPU": 2}).torch_threads == 2
+    big = plan_pool(None, "cpu", {"CPU": 64}, nodes=2)
+    assert (big.size, big.torch_threads) == (16, 4)
     assert plan_pool(None, "cpu", {"CPU": 8, "GPU": 1}).num_gpus == 0
     with pytest.raises(RuntimeError, match="no GPUs"):
         plan_pool(None, "cuda", {"CPU": 2})
