@@ -189,13 +189,17 @@ def run_embed(cfg: EmbedConfig) -> EmbedSummary:
         print(f"note: ignored {source.skipped_files} non-image files under {cfg.input}", file=sys.stderr)
 
     init_ray(cfg.address)
-    plan = plan_pool(cfg.num_encoders, cfg.device, *cluster_resources())
+    resources, nodes = cluster_resources()
+    if nodes > 1 and "://" not in cfg.out:
+        print(f"note: {nodes} nodes write to {cfg.out}; it must be shared storage (NFS) on every node, "
+              "or use a URI such as s3://bucket/path", file=sys.stderr)
+    rows_per_block = 4 * cfg.batch_size
+    blocks = len(source) if source.kind != "files" else -(-len(source) // rows_per_block)
+    plan = plan_pool(cfg.num_encoders, cfg.device, resources, nodes, max_useful=blocks)
     spec_json = spec.model_dump_json()
     limits = ImageLimits(max_bytes=cfg.max_image_bytes, max_pixels=cfg.max_image_pixels)
 
-    rows_per_block = 4 * cfg.batch_size
     ds = read_images(source, done, rows_per_block=rows_per_block)
-    blocks = len(source) if source.kind != "files" else -(-len(source) // rows_per_block)
     ds = ds.map_batches(decode_batch, fn_kwargs={"spec_json": spec_json, "limits": limits},
                         batch_size=cfg.batch_size, batch_format="numpy", num_cpus=cfg.decode_cpus)
     ds = ds.map_batches(
@@ -203,7 +207,7 @@ def run_embed(cfg: EmbedConfig) -> EmbedSummary:
         fn_constructor_kwargs={"spec_json": spec_json, "device": cfg.device, "dtype": cfg.dtype,
                                "normalize": cfg.normalize, "patches": cfg.patches,
                                "torch_threads": plan.torch_threads},
-        compute=ray.data.ActorPoolStrategy(size=max(1, min(plan.size, blocks))), **plan.remote_args(),
+        compute=ray.data.ActorPoolStrategy(size=plan.size), **plan.remote_args(),
     )
     sink = store.sink(cfg.rows_per_file)
     start = time.perf_counter()

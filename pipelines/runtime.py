@@ -46,17 +46,21 @@ class PoolPlan:
 
 
 def plan_pool(num_actors: int | None, device: str, resources: dict[str, float], nodes: int = 1,
-              cpus_per_actor: float = 0.5) -> PoolPlan:
-    """GPUs present (and not forced to cpu): one actor per GPU.
+              max_useful: int | None = None, cpus_per_actor: float = 0.5) -> PoolPlan:
+    """GPUs present (and not forced to cpu): one actor per GPU. Never more actors than
+    `max_useful` (the number of input blocks), since an idle actor still loads a model.
 
     CPU only: actors reserve a fraction of a core each, so the decode tasks are never starved
     (a whole core per actor on a 2-core machine deadlocks the reads), and share the node's
     cores between them: up to 8 cores, one single-threaded actor per core (separate processes
     beat one process's intra-op threads on small machines); above that, 4 threads per actor.
     """
+    def capped(size: int) -> int:
+        return max(1, min(size, max_useful)) if max_useful else size
+
     gpus = int(resources.get("GPU", 0))
     if gpus and device in ("auto", "cuda"):
-        size = num_actors or gpus
+        size = capped(num_actors or gpus)
         return PoolPlan(size=size, num_gpus=1.0 if size <= gpus else gpus / size, num_cpus=1.0,
                         torch_threads=0)
     if device == "cuda":
@@ -64,6 +68,6 @@ def plan_pool(num_actors: int | None, device: str, resources: dict[str, float], 
     nodes = max(1, nodes)
     cores = max(1, int(resources.get("CPU", 1)) // nodes)
     per_node = cores if cores <= 8 else cores // 4
-    size = num_actors or per_node * nodes
+    size = capped(num_actors or per_node * nodes)
     threads = max(1, cores // max(1, round(size / nodes)))
     return PoolPlan(size=size, num_gpus=0.0, num_cpus=cpus_per_actor, torch_threads=threads)

@@ -118,8 +118,10 @@ def _from_list_file(fs: pafs.FileSystem, path: str, prefix: str, uri: str) -> So
         line = line.strip()
         if not line or line.startswith("#"):
             continue
-        if "://" in line or line.startswith("/"):
-            entries.append(line if "://" in line or prefix else os.path.normpath(line))
+        if "://" in line:
+            entries.append(line)
+        elif line.startswith("/"):  # absolute, on the list file's own filesystem
+            entries.append(prefix + line.lstrip("/") if prefix else os.path.normpath(line))
         else:
             entries.append(prefix + os.path.normpath(f"{base}/{line}"))
     schemes = {e.split("://", 1)[0] if "://" in e else "" for e in entries}

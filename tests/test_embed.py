@@ -133,6 +133,9 @@ def test_pool_plan_requests_gpus_when_present():
     assert (cpu.size, cpu.num_cpus, cpu.torch_threads) == (2, 0.5, 1)
     assert "num_gpus" not in cpu.remote_args()
     assert plan_pool(1, "auto", {"CPU": 2}).torch_threads == 2
+    assert (plan_pool(None, "auto", {"CPU": 2}, max_useful=1).size, plan_pool(None, "auto", {"CPU": 2},
+            max_useful=1).torch_threads) == (1, 2)  # one block of input: one actor, all cores
+    assert plan_pool(None, "auto", {"CPU": 8, "GPU": 4}, max_useful=3).size == 3
     big = plan_pool(None, "cpu", {"CPU": 64}, nodes=2)
     assert (big.size, big.torch_threads) == (16, 4)
     assert plan_pool(None, "cpu", {"CPU": 8, "GPU": 1}).num_gpus == 0
