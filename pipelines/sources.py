@@ -159,9 +159,17 @@ def _fs_path(uri: str) -> str:
     return uri.split("://", 1)[1] if "://" in uri else uri
 
 
+COLUMNS = ("image_id", "path", "data", "error_type", "error")
+
+
+def _columns(rows: list[tuple]) -> dict[str, list]:
+    """Rows of (image_id, path, data, error_type, error) -> a batch of columns."""
+    return {name: [row[i] for row in rows] for i, name in enumerate(COLUMNS)}
+
+
 def read_files(batch: dict[str, np.ndarray], filesystem: pafs.FileSystem) -> dict[str, list]:
     """Read each file's bytes; an unreadable file becomes an error row."""
-    out: dict[str, list] = {"image_id": [], "path": [], "data": [], "error_type": [], "error": []}
+    rows = []
     for uri, iid in zip(batch["path"], batch["image_id"]):
         data, kind, err = b"", "", ""
         try:
@@ -169,20 +177,16 @@ def read_files(batch: dict[str, np.ndarray], filesystem: pafs.FileSystem) -> dic
                 data = f.read()
         except Exception as e:
             kind, err = "unreadable", f"cannot read file: {e}"
-        for key, value in zip(out, (iid, uri, data, kind, err)):
-            out[key].append(value)
-    return out
+        rows.append((iid, uri, data, kind, err))
+    return _columns(rows)
 
 
-def _batch(rows: list[tuple], done: np.ndarray) -> dict[str, list] | None:
+def _new_rows(rows: list[tuple], done: np.ndarray) -> dict[str, list] | None:
+    """Rows of (path, data, error_type, error) whose ids are not in `done`, as a batch (None if none)."""
     ids = [image_id(r[0]) for r in rows]
     keep = ~_isin(np.array(ids, dtype="S32"), done)
-    out: dict[str, list] = {"image_id": [], "path": [], "data": [], "error_type": [], "error": []}
-    for k, iid, (path, data, kind, err) in zip(keep, ids, rows):
-        if k:
-            for key, value in zip(out, (iid, path, data, kind, err)):
-                out[key].append(value)
-    return out if out["path"] else None
+    kept = [(iid, *row) for k, iid, row in zip(keep, ids, rows) if k]
+    return _columns(kept) if kept else None
 
 
 def read_shards(batch: dict[str, np.ndarray], filesystem: pafs.FileSystem, kind: SourceKind,
@@ -194,10 +198,10 @@ def read_shards(batch: dict[str, np.ndarray], filesystem: pafs.FileSystem, kind:
         for row in (_tar_members if kind == "tar" else _parquet_rows)(filesystem, shard):
             rows.append(row)
             if len(rows) >= SHARD_BATCH_ROWS:
-                if (out := _batch(rows, done)) is not None:
+                if (out := _new_rows(rows, done)) is not None:
                     yield out
                 rows = []
-        if rows and (out := _batch(rows, done)) is not None:
+        if rows and (out := _new_rows(rows, done)) is not None:
             yield out
 
 
@@ -234,6 +238,7 @@ def _parquet_rows(fs: pafs.FileSystem, shard: str) -> Iterator[tuple]:
 
 
 def _isin(ids: np.ndarray, done_sorted: np.ndarray) -> np.ndarray:
+    """Membership of each id in a sorted id array (binary search: millions of ids, little memory)."""
     if not len(done_sorted) or not len(ids):
         return np.zeros(len(ids), dtype=bool)
     pos = np.searchsorted(done_sorted, ids).clip(max=len(done_sorted) - 1)
@@ -249,10 +254,9 @@ def read_images(source: Source, done: np.ndarray, rows_per_block: int = 256) -> 
         ids_kept = [i.decode() for i in ids[keep]]
         table = pa.table({"image_id": ids_kept, "path": paths})
         blocks = [table.slice(i, rows_per_block) for i in range(0, max(len(paths), 1), rows_per_block)]
-        ds = ray.data.from_arrow(blocks).map_batches(
+        return ray.data.from_arrow(blocks).map_batches(
             read_files, fn_kwargs={"filesystem": source.filesystem}, batch_size=None, batch_format="numpy"
         )
-        return ds
     shards = ray.data.from_items([{"path": u} for u in source.uris], override_num_blocks=len(source.uris))
     return shards.map_batches(
         read_shards, batch_size=1, batch_format="numpy",
