@@ -124,6 +124,17 @@ def test_bad_encoder_fails_before_reading(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def test_cli_input_and_option_errors(tmp_path):
+    def run(*args):
+        return subprocess.run([PIXELRAY, "embed", *args], capture_output=True, text=True, timeout=120)
+
+    missing = run(str(tmp_path / "nope"), "--out", str(tmp_path / "o"))
+    assert missing.returncode == 2 and "does not exist" in missing.stderr
+    write_folder(tmp_path / "imgs", n_good=1, bad=False)
+    bad_batch = run(str(tmp_path / "imgs"), "--out", str(tmp_path / "o"), "--batch-size", "0")
+    assert bad_batch.returncode == 2 and "batch_size" in bad_batch.stderr
+
+
 def test_pool_plan_requests_gpus_when_present():
     gpu = plan_pool(None, "auto", {"CPU": 32, "GPU": 4}, nodes=2)
     assert (gpu.size, gpu.num_gpus, gpu.remote_args()["num_gpus"]) == (4, 1.0, 1.0)
