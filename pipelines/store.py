@@ -43,7 +43,7 @@ class Store:
 
     def __init__(self, uri: str, table: str):
         self.uri, self.table = uri.rstrip("/"), table
-        self.fs, self.root, self.prefix = split_uri(self.uri)
+        self.fs, self.root, _ = split_uri(self.uri)
 
     def dir(self, table: str) -> str:
         return f"{self.root}/{table}"

@@ -104,7 +104,7 @@ def list_encoders() -> dict[str, str]:
     }
 
 
-def resolve_encoder(name: str) -> EncoderSpec:
+def resolve_encoder(name: str | EncoderSpec) -> EncoderSpec:
     """Turn a registry name, local directory or hub id into an `EncoderSpec` (no weights loaded)."""
     if isinstance(name, EncoderSpec):
         return name
