@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import functools
 import sys
-import time
-from dataclasses import dataclass
 
 import numpy as np
 import pyarrow as pa
@@ -24,11 +22,11 @@ import torch
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
-from pipelines.runtime import cluster_resources, init_ray, plan_pool
+from pipelines.decode import decode_rows
+from pipelines.job import JobSummary, open_store, start, write
 from pipelines.sources import read_images, resolve_input
-from pipelines.store import Store
 from pixelray.encoders import EncoderSpec, create_encoder, resolve_encoder
-from pixelray.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, ImageError, ImageLimits, decode_image
+from pixelray.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, ImageLimits
 
 
 class EmbedConfig(BaseModel):
@@ -74,33 +72,18 @@ def _preprocessor(spec_json: str):
 def decode_batch(batch: dict[str, np.ndarray], spec_json: str, limits: ImageLimits) -> dict[str, np.ndarray]:
     """Bytes -> pixel tensors; a bad image becomes a row with error_type/error set and zero pixels."""
     preprocess, shape = _preprocessor(spec_json)
-    n = len(batch["path"])
-    widths, heights = np.zeros(n, np.int32), np.zeros(n, np.int32)
-    error_type, error = list(batch["error_type"]), list(batch["error"])
-    images: dict[int, Image.Image] = {}
-    for i, data in enumerate(batch["data"]):
-        if error[i]:
-            continue
+    decoded = decode_rows(batch, limits)
+    pixels = np.zeros((len(batch["data"]), *shape), np.float32)
+    if decoded.images:
         try:
-            img = decode_image(data, limits)
-        except ImageError as e:
-            error_type[i], error[i] = e.kind, str(e)
-            continue
-        widths[i], heights[i] = img.size
-        images[i] = img
-    pixels = np.zeros((n, *shape), np.float32)
-    if images:
-        try:
-            pixels[list(images)] = preprocess(list(images.values()))
+            pixels[list(decoded.images)] = preprocess(list(decoded.images.values()))
         except Exception:  # isolate the image that breaks the preprocessing
-            for i, img in images.items():
+            for i, img in list(decoded.images.items()):
                 try:
                     pixels[i] = preprocess([img])[0]
                 except Exception as e:
-                    error_type[i], error[i] = "preprocess_failed", f"preprocessing failed: {e}"
-    return {"image_id": batch["image_id"], "path": batch["path"], "width": widths, "height": heights,
-            "pixel_values": pixels, "error_type": np.array(error_type, dtype=str),
-            "error": np.array(error, dtype=str)}
+                    decoded.fail(i, "preprocess_failed", f"preprocessing failed: {e}")
+    return decoded.columns(batch, pixel_values=pixels)
 
 
 # --- stage 2: the encoder (actor pool) ---------------------------------------------------------
@@ -155,47 +138,13 @@ class EmbedActor:
 # --- the job -----------------------------------------------------------------------------------
 
 
-@dataclass
-class EmbedSummary:
-    written: int
-    errors: int
-    previously_stored: int
-    seconds: float
-    store: Store
-
-    @property
-    def images_per_s(self) -> float:
-        return (self.written + self.errors) / self.seconds if self.seconds else 0.0
-
-    def __str__(self) -> str:
-        rows, files = self.store.count("features")
-        err_rows, err_files = self.store.count("errors")
-        return "\n".join([
-            f"pixelray embed: {self.written} images embedded, {self.errors} errors"
-            + (f", {self.previously_stored} already in the store (skipped)" if self.previously_stored else "")
-            + f" in {self.seconds:.1f} s ({self.images_per_s:.1f} images/s)",
-            f"  features: {self.store.uri}/features  ({rows} rows in {files} files)",
-            f"  errors:   {self.store.uri}/errors  ({err_rows} rows in {err_files} files)",
-        ])
-
-
-def run_embed(cfg: EmbedConfig) -> EmbedSummary:
+def run_embed(cfg: EmbedConfig) -> JobSummary:
     spec = resolve_encoder(cfg.encoder)  # a bad name or missing model fails before any image is read
     source = resolve_input(cfg.input)
-    store = Store(cfg.out, "features")
-    store.prepare(cfg.manifest(spec), resume=cfg.resume, overwrite=cfg.overwrite)
-    done = store.stored_ids()
-    if source.skipped_files:
-        print(f"note: ignored {source.skipped_files} non-image files under {cfg.input}", file=sys.stderr)
-
-    init_ray(cfg.address)
-    resources, nodes = cluster_resources()
-    if nodes > 1 and "://" not in cfg.out:
-        print(f"note: {nodes} nodes write to {cfg.out}; it must be shared storage (NFS) on every node, "
-              "or use a URI such as s3://bucket/path", file=sys.stderr)
+    store, done = open_store(cfg.out, "features", cfg.manifest(spec), resume=cfg.resume, overwrite=cfg.overwrite)
     rows_per_block = 4 * cfg.batch_size
-    blocks = len(source) if source.kind != "files" else -(-len(source) // rows_per_block)
-    plan = plan_pool(cfg.num_encoders, cfg.device, resources, nodes, max_useful=blocks)
+    plan = start(source, cfg.out, address=cfg.address, num_actors=cfg.num_encoders, device=cfg.device,
+                 rows_per_block=rows_per_block)
     spec_json = spec.model_dump_json()
     limits = ImageLimits(max_bytes=cfg.max_image_bytes, max_pixels=cfg.max_image_pixels)
 
@@ -209,11 +158,7 @@ def run_embed(cfg: EmbedConfig) -> EmbedSummary:
                                "torch_threads": plan.torch_threads},
         compute=ray.data.ActorPoolStrategy(size=plan.size), **plan.remote_args(),
     )
-    sink = store.sink(cfg.rows_per_file)
-    start = time.perf_counter()
-    ds.write_datasink(sink, ray_remote_args={"num_cpus": 0.1})
-    return EmbedSummary(written=sink.stats.rows, errors=sink.stats.errors, previously_stored=len(done),
-                        seconds=time.perf_counter() - start, store=store)
+    return write(ds, store, cfg.rows_per_file, job="embed", verb="images embedded", previously_stored=len(done))
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ from typing import Iterator, Literal
 import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
+import pyarrow.json as pajson
 import pyarrow.parquet as pq
 import ray
 
@@ -43,6 +44,7 @@ class Source:
     uris: list[str]  # image files, or shard files, as stable absolute paths / URIs
     filesystem: pafs.FileSystem
     skipped_files: int = 0  # non-image files ignored while listing a folder
+    questions: list[str] | None = None  # VQA: one question per entry of `uris` (files only)
 
     def __len__(self) -> int:
         return len(self.uris)
@@ -112,25 +114,56 @@ def resolve_input(uri: str) -> Source:
 def _from_list_file(fs: pafs.FileSystem, path: str, prefix: str, uri: str) -> Source:
     with fs.open_input_stream(path) as f:
         lines = f.read().decode("utf-8").splitlines()
-    base = os.path.dirname(path)
-    entries = []
-    for line in lines:
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
-        if "://" in line:
-            entries.append(line)
-        elif line.startswith("/"):  # absolute, on the list file's own filesystem
-            entries.append(prefix + line.lstrip("/") if prefix else os.path.normpath(line))
-        else:
-            entries.append(prefix + os.path.normpath(f"{base}/{line}"))
-    schemes = {e.split("://", 1)[0] if "://" in e else "" for e in entries}
-    if len(schemes) > 1:
-        raise ValueError(f"list file {uri!r} mixes filesystems ({', '.join(sorted(schemes))}); use one per job")
-    if entries and "://" in entries[0] and not prefix:
-        fs = split_uri(entries[0])[0]
+    lines = [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
+    entries, fs = _resolve_entries(lines, fs, path, prefix, uri)
     # A list names its files explicitly: every entry is attempted, whatever its extension.
     return Source("files", entries, fs) if entries else _classify([], fs, uri, False)
+
+
+def _resolve_entries(entries: list[str], fs: pafs.FileSystem, listing: str, prefix: str,
+                     uri: str) -> tuple[list[str], pafs.FileSystem]:
+    """Paths named in a listing file: URIs as they are, absolute paths on the listing's filesystem,
+    relative paths against the listing's folder. Returns them with the filesystem that reads them."""
+    base = os.path.dirname(listing)
+    out = []
+    for entry in entries:
+        if "://" in entry:
+            out.append(entry)
+        elif entry.startswith("/"):
+            out.append(prefix + entry.lstrip("/") if prefix else os.path.normpath(entry))
+        else:
+            out.append(prefix + os.path.normpath(f"{base}/{entry}"))
+    schemes = {e.split("://", 1)[0] if "://" in e else "" for e in out}
+    if len(schemes) > 1:
+        raise ValueError(f"{uri!r} mixes filesystems ({', '.join(sorted(schemes))}); use one per job")
+    if out and "://" in out[0] and not prefix:
+        fs = split_uri(out[0])[0]
+    return out, fs
+
+
+def resolve_questions(uri: str) -> Source:
+    """A VQA questions file (JSON lines or Parquet) of rows {"image": PATH, "question": TEXT}."""
+    fs, path, prefix = split_uri(uri)
+    if fs.get_file_info(path).type != pafs.FileType.File:
+        raise ValueError(f"questions file {uri!r} does not exist")
+    try:
+        if _ext(path) == ".parquet":
+            table = pq.read_table(path, filesystem=fs)
+        else:
+            with fs.open_input_stream(path) as f:
+                table = pajson.read_json(f)
+    except Exception as e:
+        raise ValueError(f"questions file {uri!r} is not JSON lines or Parquet: {e}") from None
+    image_col = next((c for c in ("image", "path", "file_name") if c in table.column_names), None)
+    if image_col is None or "question" not in table.column_names:
+        raise ValueError(f"questions file {uri!r} needs columns 'image' and 'question' "
+                         f"(has {', '.join(table.column_names)})")
+    images, questions = table[image_col].to_pylist(), table["question"].to_pylist()
+    bad = next((i for i, (im, q) in enumerate(zip(images, questions)) if not im or not q), None)
+    if bad is not None:
+        raise ValueError(f"questions file {uri!r}: row {bad} has an empty image or question")
+    entries, fs = _resolve_entries([str(i) for i in images], fs, path, prefix, uri)
+    return Source("files", entries, fs, questions=[str(q) for q in questions])
 
 
 def _classify(uris: list[str], fs: pafs.FileSystem, uri: str, from_folder: bool) -> Source:
@@ -168,7 +201,7 @@ def _columns(rows: list[tuple]) -> dict[str, list]:
 
 
 def read_files(batch: dict[str, np.ndarray], filesystem: pafs.FileSystem) -> dict[str, list]:
-    """Read each file's bytes; an unreadable file becomes an error row."""
+    """Read each file's bytes; an unreadable file becomes an error row. Other columns pass through."""
     rows = []
     for uri, iid in zip(batch["path"], batch["image_id"]):
         data, kind, err = b"", "", ""
@@ -178,7 +211,7 @@ def read_files(batch: dict[str, np.ndarray], filesystem: pafs.FileSystem) -> dic
         except Exception as e:
             kind, err = "unreadable", f"cannot read file: {e}"
         rows.append((iid, uri, data, kind, err))
-    return _columns(rows)
+    return {**batch, **_columns(rows)}
 
 
 def _new_rows(rows: list[tuple], done: np.ndarray) -> dict[str, list] | None:
@@ -245,15 +278,27 @@ def _isin(ids: np.ndarray, done_sorted: np.ndarray) -> np.ndarray:
     return done_sorted[pos] == ids
 
 
+def item_ids(source: Source) -> tuple[list[str], list[str]]:
+    """(image ids, item ids) of a files source: an item is an image, or an (image, question) pair."""
+    images = [image_id(u) for u in source.uris]
+    if source.questions is None:
+        return images, images
+    return images, [image_id(f"{u}\n{q}") for u, q in zip(source.uris, source.questions)]
+
+
 def read_images(source: Source, done: np.ndarray, rows_per_block: int = 256) -> ray.data.Dataset:
-    """Dataset of raw image bytes whose ids are not in `done` (a sorted array of S32 ids)."""
+    """Dataset of raw image bytes whose item ids are not in `done` (a sorted array of S32 ids).
+
+    Columns: image_id, path, data, error_type, error; with questions also item_id and question.
+    """
     if source.kind == "files":
-        ids = np.array([image_id(u) for u in source.uris], dtype="S32")
-        keep = ~_isin(ids, done)
-        paths = [u for u, k in zip(source.uris, keep) if k]
-        ids_kept = [i.decode() for i in ids[keep]]
-        table = pa.table({"image_id": ids_kept, "path": paths})
-        blocks = [table.slice(i, rows_per_block) for i in range(0, max(len(paths), 1), rows_per_block)]
+        images, items = item_ids(source)
+        keep = ~_isin(np.array(items, dtype="S32"), done)
+        columns = {"image_id": images, "path": source.uris}
+        if source.questions is not None:
+            columns.update(item_id=items, question=source.questions)
+        table = pa.table(columns).filter(pa.array(keep))
+        blocks = [table.slice(i, rows_per_block) for i in range(0, max(table.num_rows, 1), rows_per_block)]
         return ray.data.from_arrow(blocks).map_batches(
             read_files, fn_kwargs={"filesystem": source.filesystem}, batch_size=None, batch_format="numpy"
         )

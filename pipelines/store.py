@@ -3,7 +3,8 @@
     OUT/
       pixelray.json        what produced the store (job, model, options); a resume must match it
       <table>/*.parquet    good rows (features/, captions/ ...)
-      errors/*.parquet     image_id, path, error_type, error: one row per bad image
+      errors/*.parquet     image_id, path, error_type, error: one row per bad image (per bad
+                           item: image + question, keyed by item_id, for VQA)
 
 A job's rows carry an `error` column; `StoreSink` routes rows with an error to
 errors/ and the rest to the job's table, in files of at most `rows_per_file`
@@ -34,15 +35,14 @@ from pipelines.sources import split_uri
 
 ERRORS = "errors"
 MANIFEST = "pixelray.json"
-ERROR_SCHEMA = pa.schema([("image_id", pa.string()), ("path", pa.string()),
-                          ("error_type", pa.string()), ("error", pa.string())])
+ERROR_CONTEXT = ("image_id", "path", "question")  # kept in errors/ when the job's rows have them
 
 
 class Store:
     """An output directory (local path or any pyarrow filesystem URI) holding one job's tables."""
 
-    def __init__(self, uri: str, table: str):
-        self.uri, self.table = uri.rstrip("/"), table
+    def __init__(self, uri: str, table: str, key: str = "image_id"):
+        self.uri, self.table, self.key = uri.rstrip("/"), table, key
         self.fs, self.root, _ = split_uri(self.uri)
 
     def dir(self, table: str) -> str:
@@ -98,12 +98,12 @@ class Store:
         return ds if ds.files else None
 
     def stored_ids(self) -> np.ndarray:
-        """Sorted array (dtype S32) of every image_id already in the table or in errors/."""
+        """Sorted array (dtype S32) of every key (image_id, or item_id) already in the table or errors/."""
         parts = []
         for table in (self.table, ERRORS):
             ds = self.dataset(table)
             if ds is not None:
-                parts.append(ds.to_table(columns=["image_id"])["image_id"].to_numpy(zero_copy_only=False))
+                parts.append(ds.to_table(columns=[self.key])[self.key].to_numpy(zero_copy_only=False))
         ids = np.concatenate(parts).astype("S32") if parts else np.array([], dtype="S32")
         return np.unique(ids)
 
@@ -153,7 +153,8 @@ class StoreSink(Datasink[WriteStats]):
         table = pa.concat_tables(tables, promote_options="default")
         failed = pc.is_valid(table["error"])
         good = table.filter(pc.invert(failed)).drop_columns(["error_type", "error"])
-        bad = table.filter(failed).select(ERROR_SCHEMA.names).cast(ERROR_SCHEMA)
+        context = [c for c in (self.store.key, *ERROR_CONTEXT) if c in table.column_names]
+        bad = table.filter(failed).select(list(dict.fromkeys(context)) + ["error_type", "error"])
         for sub, part in ((ERRORS, bad), (self.store.table, good)):
             for chunk, start in enumerate(range(0, part.num_rows, self.rows_per_file)):
                 name = f"{sub}/{self.run_id}-{ctx.task_idx:06d}-{chunk:04d}.parquet"

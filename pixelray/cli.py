@@ -2,6 +2,7 @@
 
 Run as:
     pixelray embed INPUT --out DIR [--encoder NAME] [--batch-size N] [--patches] [--resume]
+    pixelray caption INPUT --out DIR [--model NAME] [--prompt TEXT] [--question TEXT | --questions FILE]
     pixelray models
 """
 
@@ -38,11 +39,49 @@ def _embed_parser(sub) -> None:
                    help="Ray cluster address (default: RAY_ADDRESS, else a local Ray instance)")
 
 
+def _caption_parser(sub) -> None:
+    p = sub.add_parser("caption", help="images -> Parquet captions or VQA answers (Ray Data generator actors)",
+                       description="Caption every image of INPUT (or answer questions about it) into "
+                                   "DIR/captions/*.parquet; bad images go to DIR/errors/*.parquet.")
+    p.add_argument("input", nargs="?", help="as for `pixelray embed`; optional with --questions")
+    p.add_argument("--out", required=True)
+    p.add_argument("--model", default=None, help="registry name (`pixelray models`), hf:ID, hub id or folder")
+    p.add_argument("--prompt", default=None, help="the instruction for every image")
+    p.add_argument("--question", default=None, help="one question asked of every image (VQA)")
+    p.add_argument("--questions", default=None,
+                   help="JSON lines or Parquet file of {image, question} rows (VQA, one answer per row)")
+    p.add_argument("--max-tokens", type=int, default=None)
+    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--stop", action="append", default=None, help="stop string (repeatable)")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--resume", action="store_true")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--device", default=None, choices=["auto", "cpu", "cuda", "mps"])
+    p.add_argument("--dtype", default=None, choices=["auto", "fp32", "fp16", "bf16"])
+    p.add_argument("--quantization", default=None, choices=["4bit", "8bit"], help="bitsandbytes (CUDA only)")
+    p.add_argument("--num-generators", type=int, default=None)
+    p.add_argument("--rows-per-file", type=int, default=None)
+    p.add_argument("--address", default=None)
+
+
+def _config_fields(args: argparse.Namespace) -> dict:
+    """The options given on the command line (None = not given: the config's default applies)."""
+    return {k: v for k, v in vars(args).items() if k != "command" and v is not None and v is not False}
+
+
+def _run_caption(args: argparse.Namespace) -> int:
+    from pipelines.caption import CaptionConfig, run_caption
+
+    print(run_caption(CaptionConfig(**_config_fields(args))))
+    return 0
+
+
 def _run_embed(args: argparse.Namespace) -> int:
     from pipelines.embed import EmbedConfig, run_embed
 
-    fields = {k: v for k, v in vars(args).items() if k not in ("command",) and v is not None}
-    cfg = EmbedConfig(**fields)
+    cfg = EmbedConfig(**_config_fields(args))
     if cfg.encoder == "default":
         print("note: encoder 'default' has random weights (for debugging pipelines); "
               "use --encoder clip or dinov2 for meaningful features", file=sys.stderr)
@@ -52,10 +91,14 @@ def _run_embed(args: argparse.Namespace) -> int:
 
 def _run_models(args: argparse.Namespace) -> int:
     from pixelray.encoders import list_encoders
+    from pixelray.generators import list_generators
 
     print("encoders (pixelray embed --encoder NAME; also a local directory or a hub id):")
     for name, desc in list_encoders().items():
-        print(f"  {name:20s} {desc}")
+        print(f"  {name:22s} {desc}")
+    print("\ngenerators (also hf:HUB_ID, a hub id or a local directory); [offline] = in the local cache:")
+    for name, (desc, source, offline) in list_generators().items():
+        print(f"  {name:22s} {'[offline]' if offline else '[download]':10s} {source:40s} {desc}")
     return 0
 
 
@@ -63,9 +106,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="pixelray", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     _embed_parser(sub)
-    sub.add_parser("models", help="list the models the registry knows")
+    _caption_parser(sub)
+    sub.add_parser("models", help="list the models the registry knows, and which are available offline")
     args = parser.parse_args(argv)
-    handlers = {"embed": _run_embed, "models": _run_models}
+    handlers = {"embed": _run_embed, "caption": _run_caption, "models": _run_models}
     try:
         return handlers[args.command](args)
     except (ValueError, FileExistsError, ModelNotAvailableError) as e:

@@ -16,6 +16,10 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 sys.path.insert(0, str(Path(__file__).parent))
 
 from tiny_models import save_tiny_dinov2, save_tiny_open_clip  # noqa: E402
+from tiny_vlms import save_tiny_llava, save_tiny_paligemma, save_tiny_qwen2_vl, save_tiny_smolvlm  # noqa: E402
+
+VLM_BUILDERS = {"llava": save_tiny_llava, "qwen2_vl": save_tiny_qwen2_vl, "smolvlm": save_tiny_smolvlm,
+                "paligemma": save_tiny_paligemma}
 
 
 @pytest.fixture(scope="session")
@@ -41,3 +45,14 @@ def tiny_dinov2(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_dinov2_registers(tmp_path_factory) -> Path:
     return save_tiny_dinov2(tmp_path_factory.mktemp("tiny-dinov2-reg"), registers=2)
+
+
+@pytest.fixture(scope="session")
+def tiny_vlm_dirs(tmp_path_factory) -> dict[str, Path]:
+    """family -> folder of a tiny random VLM (LLaVA, Qwen2-VL, SmolVLM, PaliGemma)."""
+    return {family: build(tmp_path_factory.mktemp(f"tiny-{family}")) for family, build in VLM_BUILDERS.items()}
+
+
+@pytest.fixture(scope="session")
+def tiny_llava(tiny_vlm_dirs) -> Path:
+    return tiny_vlm_dirs["llava"]

@@ -1,0 +1,182 @@
+"""Batch captioning and VQA: images -> Ray Data generator actors -> Parquet captions.
+
+Run as:
+    pixelray caption INPUT --out DIR [--model NAME] [--prompt TEXT] [--question TEXT | --questions FILE]
+                     [--max-tokens N] [--batch-size N] [--resume]
+
+Same reading, validation, error table and resume rules as `pixelray embed` (pipelines.embed):
+CPU tasks read and decode, generator actors (one per GPU, or fractional-CPU actors) generate in
+batches, and DIR/captions/*.parquet gets one row per image (per image and question with
+--questions), DIR/errors/*.parquet one per bad item.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+import pyarrow as pa
+import ray
+import torch
+from PIL import Image
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from pipelines.decode import decode_rows
+from pipelines.job import JobSummary, open_store, start, write
+from pipelines.sources import read_images, resolve_input, resolve_questions
+from pixelray.generators import GenerationConfig, GeneratorSpec, check_loadable, create_generator, resolve_generator
+from pixelray.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, ImageLimits
+
+DEFAULT_PROMPT = "Describe the image."
+
+
+class CaptionConfig(BaseModel):
+    """Settings of one `pixelray caption` run."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    input: str | None = None  # images; with --questions the file names the images
+    out: str
+    model: str = "smolvlm-256m"
+    prompt: str = DEFAULT_PROMPT
+    question: str | None = None
+    questions: str | None = None
+    max_tokens: int = Field(64, ge=1, le=8192)
+    temperature: float = Field(0.0, ge=0.0, le=2.0)
+    top_p: float = Field(1.0, gt=0.0, le=1.0)
+    seed: int | None = None
+    stop: list[str] = Field(default_factory=list)
+    batch_size: int = Field(8, ge=1)
+    resume: bool = False
+    overwrite: bool = False
+    device: str = "auto"
+    dtype: str = "auto"
+    quantization: str | None = None
+    num_generators: int | None = Field(None, ge=1)
+    rows_per_file: int = Field(1000, ge=1)
+    max_image_bytes: int = Field(DEFAULT_MAX_BYTES, ge=1)
+    max_image_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1)
+    max_side: int = Field(2048, ge=16)  # larger images are downscaled before they travel to the actors
+    decode_cpus: float = Field(1.0, gt=0)
+    address: str | None = None
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "CaptionConfig":
+        if self.question and self.questions:
+            raise ValueError("give --question or --questions, not both")
+        if self.questions is None and self.input is None:
+            raise ValueError("INPUT is required unless --questions names the images")
+        return self
+
+    @property
+    def generation(self) -> GenerationConfig:
+        return GenerationConfig(max_new_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p,
+                                seed=self.seed, stop=self.stop)
+
+    def manifest(self, spec: GeneratorSpec) -> dict:
+        """What must not change between a run and its resume."""
+        return {"job": "caption", "model": spec.name, "model_source": spec.source,
+                "prompt": None if self.questions or self.question else self.prompt, "question": self.question,
+                "vqa": bool(self.questions), "generation": self.generation.model_dump(),
+                "quantization": self.quantization}
+
+
+def decode_for_generation(batch: dict[str, np.ndarray], limits: ImageLimits, max_side: int,
+                          prompt: str) -> dict[str, np.ndarray]:
+    """Bytes -> RGB arrays (at most max_side on the long side); the prompt each row is asked."""
+    decoded = decode_rows(batch, limits)
+    n = len(batch["data"])
+    images = np.empty(n, dtype=object)
+    for i in range(n):
+        img = decoded.images.get(i)
+        if img is not None and max(img.size) > max_side:
+            img.thumbnail((max_side, max_side), Image.Resampling.BICUBIC)
+        images[i] = np.asarray(img) if img is not None else np.zeros((1, 1, 3), np.uint8)
+    prompts = batch["question"] if "question" in batch else np.array([prompt] * n, dtype=object)
+    return decoded.columns(batch, image=images, prompt=prompts)
+
+
+class CaptionActor:
+    """Loads the generator once; captions (or answers) each batch in one batched generate call."""
+
+    def __init__(self, spec_json: str, device: str, dtype: str, quantization: str | None, generation_json: str,
+                 torch_threads: int):
+        if torch_threads:
+            torch.set_num_threads(torch_threads)
+        self.spec = GeneratorSpec.model_validate_json(spec_json)
+        self.generator = create_generator(self.spec, device=device, dtype=dtype, quantization=quantization)
+        self.config = GenerationConfig.model_validate_json(generation_json)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> pa.Table:
+        n = len(batch["path"])
+        ok = np.flatnonzero(batch["error"] == "")
+        texts: list[str | None] = [None] * n
+        tokens, finish = np.zeros(n, np.int32), [None] * n
+        if len(ok):
+            images = [Image.fromarray(np.asarray(batch["image"][i], dtype=np.uint8)) for i in ok]
+            results = self.generator.generate(images, [str(batch["prompt"][i]) for i in ok], self.config)
+            for i, r in zip(ok, results):
+                texts[i], tokens[i], finish[i] = r.text, r.num_tokens, r.finish_reason
+        failed = batch["error"] != ""
+        vqa = "question" in batch
+        cfg = self.config
+        columns = {
+            **({"item_id": pa.array(batch["item_id"], pa.string())} if vqa else {}),
+            "image_id": pa.array(batch["image_id"], pa.string()),
+            "path": pa.array(batch["path"], pa.string()),
+            "model": pa.array([self.spec.name] * n, pa.string()),
+            ("question" if vqa else "prompt"): pa.array(batch["prompt"], pa.string()),
+            ("answer" if vqa else "caption"): pa.array(texts, pa.string()),
+            "num_tokens": pa.array(tokens, pa.int32()),
+            "finish_reason": pa.array(finish, pa.string()),
+            "width": pa.array(batch["width"], pa.int32()),
+            "height": pa.array(batch["height"], pa.int32()),
+            "max_new_tokens": pa.array([cfg.max_new_tokens] * n, pa.int32()),
+            "temperature": pa.array([cfg.temperature] * n, pa.float32()),
+            "top_p": pa.array([cfg.top_p] * n, pa.float32()),
+            "seed": pa.array([cfg.seed] * n, pa.int64()),
+            "error_type": pa.array(np.where(failed, batch["error_type"], None), pa.string()),
+            "error": pa.array(np.where(failed, batch["error"], None), pa.string()),
+        }
+        return pa.table(columns)
+
+
+def run_caption(cfg: CaptionConfig) -> JobSummary:
+    spec = resolve_generator(cfg.model)
+    check_loadable(spec)  # a missing model fails before any image is read
+    if cfg.questions:
+        source = resolve_questions(cfg.questions)
+    else:
+        source = resolve_input(cfg.input)
+    if cfg.question:
+        source.questions = [cfg.question] * len(source)
+    vqa = source.questions is not None
+    if vqa and source.kind != "files":
+        raise ValueError("questions need image files (a folder, glob, list or questions file), not shards")
+    store, done = open_store(cfg.out, "captions", cfg.manifest(spec), resume=cfg.resume, overwrite=cfg.overwrite,
+                             key="item_id" if vqa else "image_id")
+    rows_per_block = 4 * cfg.batch_size
+    plan = start(source, cfg.out, address=cfg.address, num_actors=cfg.num_generators, device=cfg.device,
+                 rows_per_block=rows_per_block)
+    limits = ImageLimits(max_bytes=cfg.max_image_bytes, max_pixels=cfg.max_image_pixels)
+
+    ds = read_images(source, done, rows_per_block=rows_per_block)
+    ds = ds.map_batches(decode_for_generation, batch_size=cfg.batch_size, batch_format="numpy",
+                        fn_kwargs={"limits": limits, "max_side": cfg.max_side, "prompt": cfg.prompt},
+                        num_cpus=cfg.decode_cpus)
+    ds = ds.map_batches(
+        CaptionActor, batch_size=cfg.batch_size, batch_format="numpy",
+        fn_constructor_kwargs={"spec_json": spec.model_dump_json(), "device": cfg.device, "dtype": cfg.dtype,
+                               "quantization": cfg.quantization,
+                               "generation_json": cfg.generation.model_dump_json(),
+                               "torch_threads": plan.torch_threads},
+        compute=ray.data.ActorPoolStrategy(size=plan.size), **plan.remote_args(),
+    )
+    return write(ds, store, cfg.rows_per_file, job="caption", verb="answers" if vqa else "images captioned",
+                 previously_stored=len(done), unit="items" if vqa else "images")
+
+
+if __name__ == "__main__":
+    from pixelray.cli import main
+
+    sys.exit(main(["caption", *sys.argv[1:]]))

@@ -1,0 +1,95 @@
+"""Generator registry: vision-language models that turn images + prompts into text.
+
+    gen = create_generator("smolvlm-256m")          # a registry name, hf:ID, a hub id or a directory
+    gen.generate(images, "Describe the image.", GenerationConfig(max_new_tokens=32))
+    gen.chat(conversations, images_per_conversation)
+
+Registry names are data (`REGISTRY`); weights come through each library's own loading code
+(`from_pretrained`), so offline a model that is not cached fails with the command that fetches it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict
+
+from pixelray.generators.base import GenerationConfig, GenerationResult, Generator, Message, user_turn
+
+__all__ = ["GenerationConfig", "GenerationResult", "Generator", "Message", "user_turn", "GeneratorSpec",
+           "REGISTRY", "resolve_generator", "create_generator", "check_loadable", "list_generators"]
+
+REGISTRY: dict[str, dict[str, str]] = {
+    "llava-1.5-7b": dict(backend="hf", source="llava-hf/llava-1.5-7b-hf", description="LLaVA 1.5 7B"),
+    "llava-v1.6-mistral-7b": dict(backend="hf", source="llava-hf/llava-v1.6-mistral-7b-hf",
+                                  description="LLaVA-NeXT (1.6) Mistral 7B"),
+    "smolvlm": dict(backend="hf", source="HuggingFaceTB/SmolVLM-Instruct", description="SmolVLM 2B instruct"),
+    "smolvlm-256m": dict(backend="hf", source="HuggingFaceTB/SmolVLM-256M-Instruct",
+                         description="SmolVLM 256M instruct (CPU friendly)"),
+    "qwen2-vl-2b": dict(backend="hf", source="Qwen/Qwen2-VL-2B-Instruct", description="Qwen2-VL 2B instruct"),
+    "qwen2.5-vl-3b": dict(backend="hf", source="Qwen/Qwen2.5-VL-3B-Instruct",
+                          description="Qwen2.5-VL 3B instruct"),
+    "paligemma-3b": dict(backend="hf", source="google/paligemma-3b-mix-224",
+                         description="PaliGemma 3B mix 224 (prompts like 'caption en')"),
+}
+
+
+class GeneratorSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    backend: Literal["hf"]
+    source: str
+    description: str = ""
+
+
+def resolve_generator(name: str) -> GeneratorSpec:
+    """A registry name, `hf:ID_OR_DIR`, a local model directory or a hub id -> spec (nothing loaded)."""
+    if name in REGISTRY:
+        return GeneratorSpec(name=name, **REGISTRY[name])
+    if name.startswith("hf:"):
+        return GeneratorSpec(name=name, backend="hf", source=name[3:])
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ValueError(f"directory {path} has no config.json: not a transformers model folder")
+        return GeneratorSpec(name=name, backend="hf", source=str(path.resolve()))
+    if name.count("/") == 1 and not name.startswith(("/", ".")):
+        return GeneratorSpec(name=name, backend="hf", source=name)
+    raise ValueError(f"unknown model {name!r}: use one of {', '.join(REGISTRY)}, hf:HUB_ID, a hub id "
+                     "(org/name) or a local model directory")
+
+
+def create_generator(name: str | GeneratorSpec, device: str = "auto", dtype: str = "auto",
+                     quantization: str | None = None) -> Generator:
+    spec = name if isinstance(name, GeneratorSpec) else resolve_generator(name)
+    from pixelray.generators.hf import HFGenerator
+
+    return HFGenerator(spec.source, device=device, dtype=dtype, quantization=quantization, name=spec.name)
+
+
+def check_loadable(spec: GeneratorSpec) -> None:
+    """Fail now, before any image is read, if the model's config cannot be loaded (e.g. offline)."""
+    from transformers import AutoConfig
+
+    from pixelray.hub import not_available
+
+    try:
+        AutoConfig.from_pretrained(spec.source)
+    except Exception as e:
+        raise not_available(spec.source, e) from None
+
+
+def available_offline(source: str) -> bool:
+    """Whether `from_pretrained(source)` can work without network: a folder, or in the HF cache."""
+    if Path(source).expanduser().is_dir():
+        return True
+    from huggingface_hub import try_to_load_from_cache
+
+    return isinstance(try_to_load_from_cache(source, "config.json"), str)
+
+
+def list_generators() -> dict[str, tuple[str, str, bool]]:
+    """Registry name -> (description, source, available offline)."""
+    return {name: (e["description"], e["source"], available_offline(e["source"])) for name, e in REGISTRY.items()}

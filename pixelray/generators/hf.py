@@ -1,0 +1,109 @@
+"""The `hf` backend: any transformers image-text-to-text model, by hub id or local directory.
+
+Families exercised by the tests: LLaVA (1.5 and 1.6 / llava-next), SmolVLM (Idefics3), Qwen2-VL
+and Qwen2.5-VL, PaliGemma. The processor's chat template builds the prompt (PaliGemma has none:
+its prompt is the plain text), batches are left-padded, and `model.generate` does the decoding.
+"""
+
+from __future__ import annotations
+
+import torch
+from PIL import Image
+
+from pixelray.device import resolve_device, resolve_dtype
+from pixelray.generators.base import GenerationConfig, GenerationResult, Generator, Message, cut_at_stop
+from pixelray.hub import not_available
+
+NESTED_IMAGES = {"idefics3", "smolvlm", "idefics2"}  # processors that want one image list per prompt
+NO_CHAT_TEMPLATE = {"paligemma"}
+
+
+class HFGenerator(Generator):
+    def __init__(self, source: str, device: str = "auto", dtype: str = "auto", quantization: str | None = None,
+                 name: str | None = None):
+        from transformers import AutoModelForImageTextToText, AutoProcessor
+
+        self.name = name or source
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        kwargs: dict = {"dtype": self.dtype}
+        if quantization:
+            kwargs.update(_quantization(quantization, self.device))
+        try:
+            self.processor = AutoProcessor.from_pretrained(source)
+            self.model = AutoModelForImageTextToText.from_pretrained(source, **kwargs)
+        except Exception as e:
+            raise not_available(source, e) from None
+        if not quantization:
+            self.model.to(self.device)
+        self.model.eval()
+        self.tokenizer = self.processor.tokenizer
+        self.tokenizer.padding_side = "left"
+        self.family = self.model.config.model_type
+        gen = self.model.generation_config
+        eos = gen.eos_token_id if gen.eos_token_id is not None else self.tokenizer.eos_token_id
+        self.end_ids = set(eos if isinstance(eos, list) else [eos])
+        self.pad_id = gen.pad_token_id if gen.pad_token_id is not None else self.tokenizer.pad_token_id
+
+    def prompts(self, conversations: list[list[Message]]) -> list[str]:
+        if self.family in NO_CHAT_TEMPLATE:  # PaliGemma: image tokens, then the plain prompt
+            image_token = getattr(self.processor, "image_token", "<image>")
+            return [image_token * _count_images(c) + _last_user_text(c) for c in conversations]
+        return [self.processor.apply_chat_template(c, add_generation_prompt=True) for c in conversations]
+
+    @torch.inference_mode()
+    def chat(self, conversations: list[list[Message]], images: list[list[Image.Image]],
+             config: GenerationConfig = GenerationConfig()) -> list[GenerationResult]:
+        if len(conversations) != len(images):
+            raise ValueError(f"{len(conversations)} conversations but {len(images)} image lists")
+        flat = [im for ims in images for im in ims]
+        image_arg = images if self.family in NESTED_IMAGES else flat
+        inputs = self.processor(text=self.prompts(conversations), images=image_arg or None, padding=True,
+                                return_tensors="pt")
+        inputs = {k: v.to(self.device) for k, v in inputs.items() if k != "labels"}
+        if "pixel_values" in inputs:
+            inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
+        kwargs = dict(max_new_tokens=config.max_new_tokens, pad_token_id=self.pad_id)
+        if config.temperature > 0:
+            kwargs.update(do_sample=True, temperature=config.temperature, top_p=config.top_p)
+            if config.seed is not None:
+                torch.manual_seed(config.seed)
+        else:
+            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+        if config.stop:
+            kwargs.update(stop_strings=config.stop, tokenizer=self.tokenizer)
+        out = self.model.generate(**inputs, **kwargs)
+        return [self._result(row.tolist(), config) for row in out[:, inputs["input_ids"].shape[1]:]]
+
+    def _result(self, tokens: list[int], config: GenerationConfig) -> GenerationResult:
+        ended = next((i for i, t in enumerate(tokens) if t in self.end_ids), None)
+        if ended is not None:
+            tokens = tokens[:ended]
+        elif self.pad_id is not None:  # rows that stopped on a stop string are padded after it
+            while tokens and tokens[-1] == self.pad_id:
+                tokens = tokens[:-1]
+        text, stopped = cut_at_stop(self.tokenizer.decode(tokens, skip_special_tokens=True), config.stop)
+        finish = "stop" if ended is not None or stopped or len(tokens) < config.max_new_tokens else "length"
+        return GenerationResult(text=text.strip(), num_tokens=len(tokens), finish_reason=finish)
+
+
+def _count_images(conversation: list[Message]) -> int:
+    return sum(1 for m in conversation for c in m["content"] if c.get("type") == "image")
+
+
+def _last_user_text(conversation: list[Message]) -> str:
+    for message in reversed(conversation):
+        if message["role"] == "user":
+            return " ".join(c["text"] for c in message["content"] if c.get("type") == "text")
+    raise ValueError("a conversation needs at least one user message")
+
+
+def _quantization(bits: str, device: torch.device) -> dict:
+    if bits not in ("4bit", "8bit"):
+        raise ValueError(f"quantization must be 4bit or 8bit, not {bits!r}")
+    if device.type != "cuda":
+        raise ValueError(f"{bits} loading uses bitsandbytes and needs CUDA; this device is {device.type}")
+    from transformers import BitsAndBytesConfig
+
+    config = BitsAndBytesConfig(load_in_4bit=True) if bits == "4bit" else BitsAndBytesConfig(load_in_8bit=True)
+    return {"quantization_config": config, "device_map": {"": device.index or 0}}
