@@ -28,6 +28,7 @@ test-fast: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/embed.py
+	$(BIN)/python benchmarks/caption.py
 
 clean:
 	rm -rf runs .pytest_cache

@@ -103,3 +103,12 @@ def test_missing_model_fails_before_reading(tmp_path):
                            "--model", "smolvlm"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and "huggingface-cli download HuggingFaceTB/SmolVLM-Instruct" in proc.stderr
     assert not (tmp_path / "o").exists()
+
+
+def test_paligemma_plain_prompt_end_to_end(ray_address, tiny_vlm_dirs, tmp_path):
+    info = write_folder(tmp_path / "imgs", n_good=3, bad=False)
+    res = run_caption(CaptionConfig(input=str(tmp_path / "imgs"), out=str(tmp_path / "p"),
+                                    model=str(tiny_vlm_dirs["paligemma"]), prompt="caption en", max_tokens=3))
+    rows = pq.read_table(tmp_path / "p/captions").to_pylist()
+    assert res.written == 3 and sorted(r["path"] for r in rows) == sorted(str(p) for p in info["good"])
+    assert all(r["prompt"] == "caption en" and r["num_tokens"] <= 3 for r in rows)

@@ -80,24 +80,28 @@ LLAVA_CHAT = (
 )
 
 
-def save_tiny_llava(out: Path) -> Path:
-    """LLaVA-1.5 style: CLIP vision tower + Llama, `USER: <image>\\n... ASSISTANT:` prompts."""
+def save_tiny_llava(out: Path, width: int = 32, layers: int = 2, image_size: int = 32, patch: int = 8) -> Path:
+    """LLaVA-1.5 style: CLIP vision tower + Llama, `USER: <image>\\n... ASSISTANT:` prompts.
+    Tiny by default; the caption benchmark asks for a wider, deeper one."""
     from transformers import CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig
     from transformers import LlavaForConditionalGeneration, LlavaProcessor
 
     tok = _train_tokenizer(["<pad>", "<s>", "</s>", "<image>"], bos_token="<s>", eos_token="</s>",
                            pad_token="<pad>", add_bos_token=True, extra_special_tokens={"image_token": "<image>"})
-    vc = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                          image_size=32, patch_size=8)
-    tc = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                     num_key_value_heads=2, vocab_size=len(tok), max_position_embeddings=256,
+    heads = max(2, width // 64)
+    vc = CLIPVisionConfig(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers,
+                          num_attention_heads=heads, image_size=image_size, patch_size=patch)
+    tc = LlamaConfig(hidden_size=width, intermediate_size=2 * width, num_hidden_layers=layers,
+                     num_attention_heads=heads, num_key_value_heads=heads, vocab_size=len(tok),
+                     max_position_embeddings=1024,
                      pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
     cfg = LlavaConfig(vision_config=vc, text_config=tc, image_token_index=tok.image_token_id,
                       vision_feature_layer=-1)
     torch.manual_seed(0)
     model = LlavaForConditionalGeneration(cfg)
-    image_processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    proc = LlavaProcessor(image_processor, tok, patch_size=8, num_additional_image_tokens=1,
+    image_processor = CLIPImageProcessor(size={"shortest_edge": image_size},
+                                         crop_size={"height": image_size, "width": image_size})
+    proc = LlavaProcessor(image_processor, tok, patch_size=patch, num_additional_image_tokens=1,
                           vision_feature_select_strategy="default", chat_template=LLAVA_CHAT)
     return _save(model, proc, out, tok.eos_token_id, tok.pad_token_id, tok.bos_token_id)
 
