@@ -16,10 +16,11 @@ os.environ.setdefault("DS_ACCELERATOR", "cpu")
 sys.path.insert(0, str(Path(__file__).parent))
 
 from tiny_models import save_tiny_dinov2, save_tiny_open_clip  # noqa: E402
-from tiny_vlms import save_tiny_llava, save_tiny_paligemma, save_tiny_qwen2_vl, save_tiny_smolvlm  # noqa: E402
+from tiny_vlms import (save_tiny_llava, save_tiny_paligemma, save_tiny_pixelray, save_tiny_qwen2_vl,  # noqa: E402
+                       save_tiny_smolvlm)
 
 VLM_BUILDERS = {"llava": save_tiny_llava, "qwen2_vl": save_tiny_qwen2_vl, "smolvlm": save_tiny_smolvlm,
-                "paligemma": save_tiny_paligemma}
+                "paligemma": save_tiny_paligemma, "pixelray": save_tiny_pixelray}
 
 
 @pytest.fixture(scope="session")
@@ -49,7 +50,7 @@ def tiny_dinov2_registers(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_vlm_dirs(tmp_path_factory) -> dict[str, Path]:
-    """family -> folder of a tiny random VLM (LLaVA, Qwen2-VL, SmolVLM, PaliGemma)."""
+    """family -> folder of a tiny random VLM (LLaVA, Qwen2-VL, SmolVLM, PaliGemma, pixelray's own)."""
     return {family: build(tmp_path_factory.mktemp(f"tiny-{family}")) for family, build in VLM_BUILDERS.items()}
 
 

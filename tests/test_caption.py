@@ -105,10 +105,11 @@ def test_missing_model_fails_before_reading(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
-def test_paligemma_plain_prompt_end_to_end(ray_address, tiny_vlm_dirs, tmp_path):
+@pytest.mark.parametrize("family,prompt", [("paligemma", "caption en"), ("pixelray", "Describe the image.")])
+def test_other_families_end_to_end(ray_address, tiny_vlm_dirs, tmp_path, family, prompt):
     info = write_folder(tmp_path / "imgs", n_good=3, bad=False)
     res = run_caption(CaptionConfig(input=str(tmp_path / "imgs"), out=str(tmp_path / "p"),
-                                    model=str(tiny_vlm_dirs["paligemma"]), prompt="caption en", max_tokens=3))
+                                    model=str(tiny_vlm_dirs[family]), prompt=prompt, max_tokens=3))
     rows = pq.read_table(tmp_path / "p/captions").to_pylist()
     assert res.written == 3 and sorted(r["path"] for r in rows) == sorted(str(p) for p in info["good"])
-    assert all(r["prompt"] == "caption en" and r["num_tokens"] <= 3 for r in rows)
+    assert all(r["prompt"] == prompt and r["num_tokens"] <= 3 for r in rows)

@@ -9,7 +9,7 @@ from pixelray.generators import (GenerationConfig, check_loadable, create_genera
                                  resolve_generator, user_turn)
 from pixelray.hub import ModelNotAvailableError
 
-FAMILIES = ["llava", "qwen2_vl", "smolvlm", "paligemma"]
+FAMILIES = ["llava", "qwen2_vl", "smolvlm", "paligemma", "pixelray"]
 IMAGES = [random_rgb(50, 40, seed=1), random_rgb(64, 48, seed=2), random_rgb(33, 33, seed=3)]
 PROMPTS = ["Describe the image.", "What color is the car in this photo, please?", "Caption"]
 
@@ -31,7 +31,7 @@ def test_batched_equals_one_at_a_time_under_greedy(generators, family):
         assert r.finish_reason == "stop" or r.num_tokens == 6
 
 
-@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "smolvlm"])
+@pytest.mark.parametrize("family", ["llava", "qwen2_vl", "smolvlm", "pixelray"])
 def test_multi_turn_chat(generators, family):
     gen = generators[family]
     first = [user_turn("What is in the image?")]
@@ -72,6 +72,8 @@ def test_names_and_offline_errors(tiny_llava, tmp_path):
     assert resolve_generator("smolvlm-256m").source == "HuggingFaceTB/SmolVLM-256M-Instruct"
     assert resolve_generator(f"hf:{tiny_llava}").source == str(tiny_llava)
     assert resolve_generator(str(tiny_llava)).backend == "hf"
+    with pytest.raises(ValueError, match="is for the hf backend"):
+        create_generator(resolve_generator(f"pixelray:{tiny_llava}"), quantization="4bit")
     with pytest.raises(ValueError, match="unknown model"):
         resolve_generator("not a model")
     with pytest.raises(ValueError, match="no config.json"):

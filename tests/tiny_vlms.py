@@ -210,3 +210,25 @@ def save_tiny_paligemma(out: Path) -> Path:
     torch.manual_seed(0)
     model = PaliGemmaForConditionalGeneration(cfg)
     return _save(model, proc, out, tok.eos_token_id, tok.pad_token_id, tok.bos_token_id)
+
+
+def save_tiny_pixelray(out: Path) -> Path:
+    """The project's own model (pixelray.vlm): tiny open_clip ViT + projector + tiny Qwen2, Qwen chat."""
+    from transformers import Qwen2Config
+
+    from pixelray.generators.pixelray import CHAT_TEMPLATE
+    from pixelray.vlm import PixelRayConfig, PixelRayForConditionalGeneration
+    from tiny_models import TINY_CLIP_CFG
+
+    tok = _train_tokenizer(["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<image>"], eos_token="<|im_end|>",
+                           pad_token="<|endoftext|>", extra_special_tokens={"image_token": "<image>"})
+    tok.chat_template = CHAT_TEMPLATE
+    text = Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                       num_key_value_heads=1, vocab_size=len(tok), max_position_embeddings=512,
+                       tie_word_embeddings=True, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    config = PixelRayConfig(vision_config=TINY_CLIP_CFG, vision_preprocess={"interpolation": "bicubic"},
+                            text_config=text, image_token_id=tok.convert_tokens_to_ids("<image>"))
+    torch.manual_seed(0)
+    PixelRayForConditionalGeneration(config).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out

@@ -10,6 +10,7 @@ Registry names are data (`REGISTRY`); weights come through each library's own lo
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Literal
 
@@ -39,22 +40,26 @@ class GeneratorSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str
-    backend: Literal["hf"]
+    backend: Literal["hf", "pixelray"]
     source: str
     description: str = ""
 
 
 def resolve_generator(name: str) -> GeneratorSpec:
-    """A registry name, `hf:ID_OR_DIR`, a local model directory or a hub id -> spec (nothing loaded)."""
+    """A registry name, `hf:ID_OR_DIR`, `pixelray:DIR`, a local model directory (the pixelray
+    backend when its config says model_type "pixelray") or a hub id -> spec (nothing loaded)."""
     if name in REGISTRY:
         return GeneratorSpec(name=name, **REGISTRY[name])
-    if name.startswith("hf:"):
-        return GeneratorSpec(name=name, backend="hf", source=name[3:])
+    if name.startswith(("hf:", "pixelray:")):
+        backend, source = name.split(":", 1)
+        return GeneratorSpec(name=name, backend=backend, source=source)
     path = Path(name).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ValueError(f"directory {path} has no config.json: not a transformers model folder")
-        return GeneratorSpec(name=name, backend="hf", source=str(path.resolve()))
+        model_type = json.loads((path / "config.json").read_text()).get("model_type")
+        backend = "pixelray" if model_type == "pixelray" else "hf"
+        return GeneratorSpec(name=name, backend=backend, source=str(path.resolve()))
     if name.count("/") == 1 and not name.startswith(("/", ".")):
         return GeneratorSpec(name=name, backend="hf", source=name)
     raise ValueError(f"unknown model {name!r}: use one of {', '.join(REGISTRY)}, hf:HUB_ID, a hub id "
@@ -64,6 +69,12 @@ def resolve_generator(name: str) -> GeneratorSpec:
 def create_generator(name: str | GeneratorSpec, device: str = "auto", dtype: str = "auto",
                      quantization: str | None = None) -> Generator:
     spec = name if isinstance(name, GeneratorSpec) else resolve_generator(name)
+    if spec.backend == "pixelray":
+        if quantization:
+            raise ValueError("4/8-bit loading is for the hf backend; the pixelray model is small enough without")
+        from pixelray.generators.pixelray import PixelRayGenerator
+
+        return PixelRayGenerator(spec.source, device=device, dtype=dtype, name=spec.name)
     from pixelray.generators.hf import HFGenerator
 
     return HFGenerator(spec.source, device=device, dtype=dtype, quantization=quantization, name=spec.name)
@@ -73,6 +84,7 @@ def check_loadable(spec: GeneratorSpec) -> None:
     """Fail now, before any image is read, if the model's config cannot be loaded (e.g. offline)."""
     from transformers import AutoConfig
 
+    import pixelray.vlm  # noqa: F401  (registers model_type "pixelray" with AutoConfig)
     from pixelray.hub import not_available
 
     try:

@@ -53,6 +53,44 @@ def cut_at_stop(text: str, stop: list[str]) -> tuple[str, bool]:
     return (text[: min(cuts)], True) if cuts else (text, False)
 
 
+def decoding_kwargs(config: GenerationConfig, pad_id: int | None, tokenizer) -> dict[str, Any]:
+    """`generate()` keyword arguments for a GenerationConfig (greedy at temperature 0)."""
+    import torch
+
+    kwargs: dict[str, Any] = dict(max_new_tokens=config.max_new_tokens, pad_token_id=pad_id)
+    if config.temperature > 0:
+        kwargs.update(do_sample=True, temperature=config.temperature, top_p=config.top_p)
+        if config.seed is not None:
+            torch.manual_seed(config.seed)
+    else:
+        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    if config.stop:
+        kwargs.update(stop_strings=config.stop, tokenizer=tokenizer)
+    return kwargs
+
+
+def end_and_pad_ids(generation_config, tokenizer) -> tuple[set[int], int | None]:
+    """The ids that end a reply (the model's eos, which may be several) and the padding id."""
+    eos = generation_config.eos_token_id
+    eos = tokenizer.eos_token_id if eos is None else eos
+    pad = generation_config.pad_token_id
+    return set(eos if isinstance(eos, list) else [eos]), tokenizer.pad_token_id if pad is None else pad
+
+
+def decode_result(tokens: list[int], tokenizer, end_ids: set[int], pad_id: int | None,
+                  config: GenerationConfig) -> GenerationResult:
+    """Generated ids -> text, cut at the end-of-turn token or a stop string, with the token count."""
+    ended = next((i for i, t in enumerate(tokens) if t in end_ids), None)
+    if ended is not None:
+        tokens = tokens[:ended]
+    elif pad_id is not None:  # rows that stopped on a stop string are padded after it
+        while tokens and tokens[-1] == pad_id:
+            tokens = tokens[:-1]
+    text, stopped = cut_at_stop(tokenizer.decode(tokens, skip_special_tokens=True), config.stop)
+    finish = "stop" if ended is not None or stopped or len(tokens) < config.max_new_tokens else "length"
+    return GenerationResult(text=text.strip(), num_tokens=len(tokens), finish_reason=finish)
+
+
 class Generator(ABC):
     """A loaded vision-language model."""
 

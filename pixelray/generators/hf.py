@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 
 from pixelray.device import resolve_device, resolve_dtype
-from pixelray.generators.base import GenerationConfig, GenerationResult, Generator, Message, cut_at_stop
+from pixelray.generators.base import (GenerationConfig, GenerationResult, Generator, Message, decode_result,
+                                     decoding_kwargs, end_and_pad_ids)
 from pixelray.hub import not_available
 
 NESTED_IMAGES = {"idefics3", "smolvlm", "idefics2"}  # processors that want one image list per prompt
@@ -40,10 +41,7 @@ class HFGenerator(Generator):
         self.tokenizer = self.processor.tokenizer
         self.tokenizer.padding_side = "left"
         self.family = self.model.config.model_type
-        gen = self.model.generation_config
-        eos = gen.eos_token_id if gen.eos_token_id is not None else self.tokenizer.eos_token_id
-        self.end_ids = set(eos if isinstance(eos, list) else [eos])
-        self.pad_id = gen.pad_token_id if gen.pad_token_id is not None else self.tokenizer.pad_token_id
+        self.end_ids, self.pad_id = end_and_pad_ids(self.model.generation_config, self.tokenizer)
 
     def prompts(self, conversations: list[list[Message]]) -> list[str]:
         if self.family in NO_CHAT_TEMPLATE:  # PaliGemma: image tokens, then the plain prompt
@@ -63,28 +61,9 @@ class HFGenerator(Generator):
         inputs = {k: v.to(self.device) for k, v in inputs.items() if k != "labels"}
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
-        kwargs = dict(max_new_tokens=config.max_new_tokens, pad_token_id=self.pad_id)
-        if config.temperature > 0:
-            kwargs.update(do_sample=True, temperature=config.temperature, top_p=config.top_p)
-            if config.seed is not None:
-                torch.manual_seed(config.seed)
-        else:
-            kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
-        if config.stop:
-            kwargs.update(stop_strings=config.stop, tokenizer=self.tokenizer)
-        out = self.model.generate(**inputs, **kwargs)
-        return [self._result(row.tolist(), config) for row in out[:, inputs["input_ids"].shape[1]:]]
-
-    def _result(self, tokens: list[int], config: GenerationConfig) -> GenerationResult:
-        ended = next((i for i, t in enumerate(tokens) if t in self.end_ids), None)
-        if ended is not None:
-            tokens = tokens[:ended]
-        elif self.pad_id is not None:  # rows that stopped on a stop string are padded after it
-            while tokens and tokens[-1] == self.pad_id:
-                tokens = tokens[:-1]
-        text, stopped = cut_at_stop(self.tokenizer.decode(tokens, skip_special_tokens=True), config.stop)
-        finish = "stop" if ended is not None or stopped or len(tokens) < config.max_new_tokens else "length"
-        return GenerationResult(text=text.strip(), num_tokens=len(tokens), finish_reason=finish)
+        out = self.model.generate(**inputs, **decoding_kwargs(config, self.pad_id, self.tokenizer))
+        return [decode_result(row.tolist(), self.tokenizer, self.end_ids, self.pad_id, config)
+                for row in out[:, inputs["input_ids"].shape[1]:]]
 
 
 def _count_images(conversation: list[Message]) -> int:

@@ -1,0 +1,65 @@
+"""The `pixelray` backend: the project's own CLIP + projector + Qwen2 model (pixelray.vlm)."""
+
+from __future__ import annotations
+
+import torch
+from PIL import Image
+
+from pixelray.device import resolve_device, resolve_dtype
+from pixelray.generators.base import (GenerationConfig, GenerationResult, Generator, Message, decode_result,
+                                      decoding_kwargs, end_and_pad_ids)
+from pixelray.hub import not_available
+
+# Used when the saved tokenizer carries no chat template of its own (Qwen2 style).
+CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
+    "{% if message['content'] is string %}{{ message['content'] }}{% else %}"
+    "{% for c in message['content'] %}{% if c['type'] == 'image' %}<image>{% elif 'text' in c %}{{ c['text'] }}"
+    "{% endif %}{% endfor %}{% endif %}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+class PixelRayGenerator(Generator):
+    def __init__(self, source: str, device: str = "auto", dtype: str = "auto", name: str | None = None):
+        from open_clip.transform import PreprocessCfg, image_transform_v2, merge_preprocess_dict
+        from transformers import AutoTokenizer
+
+        from pixelray.vlm import IMAGE_TOKEN, PixelRayForConditionalGeneration
+
+        self.name = name or source
+        self.device = resolve_device(device)
+        self.dtype = resolve_dtype(dtype, self.device)
+        try:
+            self.model = PixelRayForConditionalGeneration.from_pretrained(source, dtype=self.dtype)
+            self.tokenizer = AutoTokenizer.from_pretrained(source)
+        except Exception as e:
+            raise not_available(source, e) from None
+        self.model.to(self.device).eval()
+        self.tokenizer.padding_side = "left"
+        if self.tokenizer.chat_template is None:
+            self.tokenizer.chat_template = CHAT_TEMPLATE
+        config = self.model.config
+        cfg = merge_preprocess_dict(PreprocessCfg(), config.vision_preprocess)
+        cfg["size"] = config.vision_config["vision_cfg"]["image_size"]
+        self.transform = image_transform_v2(PreprocessCfg(**cfg), is_train=False)
+        self.image_tokens = IMAGE_TOKEN * config.num_image_tokens
+        self.end_ids, self.pad_id = end_and_pad_ids(self.model.language_model.generation_config, self.tokenizer)
+
+    def prompts(self, conversations: list[list[Message]]) -> list[str]:
+        from pixelray.vlm import IMAGE_TOKEN
+
+        return [self.tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False)
+                .replace(IMAGE_TOKEN, self.image_tokens) for c in conversations]
+
+    @torch.inference_mode()
+    def chat(self, conversations: list[list[Message]], images: list[list[Image.Image]],
+             config: GenerationConfig = GenerationConfig()) -> list[GenerationResult]:
+        if len(conversations) != len(images):
+            raise ValueError(f"{len(conversations)} conversations but {len(images)} image lists")
+        enc = self.tokenizer(self.prompts(conversations), padding=True, return_tensors="pt").to(self.device)
+        flat = [im for ims in images for im in ims]
+        pixels = torch.stack([self.transform(im) for im in flat]).to(self.device, self.dtype) if flat else None
+        out = self.model.generate(enc["input_ids"], pixels, enc["attention_mask"],
+                                  **decoding_kwargs(config, self.pad_id, self.tokenizer))
+        return [decode_result(row.tolist(), self.tokenizer, self.end_ids, self.pad_id, config) for row in out]

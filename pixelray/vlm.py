@@ -1,0 +1,106 @@
+"""The project's own LLaVA-style model: CLIP vision tower + MLP projector + a causal LM (Qwen2).
+
+    image -> open_clip ViT (patch tokens, projected to the CLIP embedding width, e.g. 512)
+          -> projector: Linear(512, 896) - GELU - Linear(896, 896)
+          -> in place of the <image> tokens of the prompt -> Qwen2 (e.g. Qwen2.5-0.5B, width 896)
+
+It is a transformers `PreTrainedModel`, so `save_pretrained` / `from_pretrained` write and read a
+folder (config.json with model_type "pixelray", model.safetensors) with the tokenizer beside it.
+The vision tower is described by an open_clip model config and built by open_clip; the language
+model by its own transformers config. Training it is `train_jobs/`'s business; here it loads,
+embeds images into the prompt and generates.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, PretrainedConfig, PreTrainedModel
+
+IMAGE_TOKEN = "<image>"
+
+
+class PixelRayConfig(PretrainedConfig):
+    model_type = "pixelray"
+    sub_configs = {"text_config": AutoConfig}
+
+    def __init__(self, vision_config: dict[str, Any] | None = None, vision_preprocess: dict[str, Any] | None = None,
+                 text_config: dict[str, Any] | PretrainedConfig | None = None, image_token_id: int | None = None,
+                 **kwargs):
+        # vision_config: an open_clip model config ({"embed_dim", "vision_cfg", "text_cfg", ...})
+        self.vision_config = vision_config or {}
+        self.vision_preprocess = vision_preprocess or {}
+        if isinstance(text_config, dict):
+            from transformers import CONFIG_MAPPING
+
+            text_config = CONFIG_MAPPING[text_config.get("model_type", "qwen2")](**text_config)
+        self.text_config = text_config
+        self.image_token_id = image_token_id
+        super().__init__(**kwargs)
+
+    @property
+    def num_image_tokens(self) -> int:
+        """Patch tokens per image: (image_size / patch_size) ** 2."""
+        vision = self.vision_config["vision_cfg"]
+        return (vision["image_size"] // vision["patch_size"]) ** 2
+
+
+class PixelRayForConditionalGeneration(PreTrainedModel):
+    config_class = PixelRayConfig
+    base_model_prefix = "pixelray"
+    main_input_name = "input_ids"
+    _supports_sdpa = True
+
+    def __init__(self, config: PixelRayConfig):
+        super().__init__(config)
+        import open_clip
+
+        clip = open_clip.CLIP(**config.vision_config)  # open_clip builds the tower; its text half is dropped
+        self.vision = clip.visual
+        self.vision.output_tokens = True
+        vision_dim = config.vision_config["embed_dim"]
+        width = config.text_config.hidden_size
+        self.projector = nn.Sequential(nn.Linear(vision_dim, width), nn.GELU(), nn.Linear(width, width))
+        self.language_model = AutoModelForCausalLM.from_config(config.text_config)
+        self.post_init()
+
+    def _init_weights(self, module: nn.Module) -> None:
+        if isinstance(module, nn.Linear) and any(module is m for m in self.projector):
+            nn.init.normal_(module.weight, std=0.02)
+            nn.init.zeros_(module.bias)
+
+    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """[images, 3, H, W] -> [images, num_patches, LM width]."""
+        _, tokens = self.vision(pixel_values.to(self.projector[0].weight.dtype))
+        if self.vision.proj is not None:
+            tokens = tokens @ self.vision.proj  # to the CLIP embedding width (512 for ViT-B/32)
+        return self.projector(tokens)
+
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
+        """Token embeddings with each image's projected patches written over its <image> tokens."""
+        embeds = self.language_model.get_input_embeddings()(input_ids)
+        if pixel_values is None or not len(pixel_values):
+            return embeds
+        features = self.image_features(pixel_values).to(embeds.dtype)
+        slots = input_ids == self.config.image_token_id
+        if int(slots.sum()) != features.shape[0] * features.shape[1]:
+            raise ValueError(f"{int(slots.sum())} image tokens in the prompts but {features.shape[0]} images of "
+                             f"{features.shape[1]} patches each")
+        return embeds.masked_scatter(slots.unsqueeze(-1), features.reshape(-1, features.shape[-1]))
+
+    def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+                attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None, **kwargs):
+        return self.language_model(inputs_embeds=self.embed(input_ids, pixel_values), attention_mask=attention_mask,
+                                   labels=labels, **kwargs)
+
+    @torch.no_grad()
+    def generate(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
+                 attention_mask: torch.Tensor | None = None, **kwargs) -> torch.Tensor:
+        """New tokens only (the prompt goes in as embeddings)."""
+        return self.language_model.generate(inputs_embeds=self.embed(input_ids, pixel_values),
+                                            attention_mask=attention_mask, **kwargs)
+
+
+AutoConfig.register("pixelray", PixelRayConfig, exist_ok=True)
