@@ -21,7 +21,7 @@ import torch
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from pipelines.decode import decode_rows
+from pipelines.decode import decode_rows, error_columns
 from pipelines.job import JobSummary, open_store, start, write
 from pipelines.sources import read_images, resolve_input, resolve_questions
 from pixelray.generators import GenerationConfig, GeneratorSpec, check_loadable, create_generator, resolve_generator
@@ -117,7 +117,6 @@ class CaptionActor:
             results = self.generator.generate(images, [str(batch["prompt"][i]) for i in ok], self.config)
             for i, r in zip(ok, results):
                 texts[i], tokens[i], finish[i] = r.text, r.num_tokens, r.finish_reason
-        failed = batch["error"] != ""
         vqa = "question" in batch
         cfg = self.config
         columns = {
@@ -135,8 +134,7 @@ class CaptionActor:
             "temperature": pa.array([cfg.temperature] * n, pa.float32()),
             "top_p": pa.array([cfg.top_p] * n, pa.float32()),
             "seed": pa.array([cfg.seed] * n, pa.int64()),
-            "error_type": pa.array(np.where(failed, batch["error_type"], None), pa.string()),
-            "error": pa.array(np.where(failed, batch["error"], None), pa.string()),
+            **error_columns(batch),
         }
         return pa.table(columns)
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+import pyarrow as pa
 from PIL import Image
 
 from pixelray.images import ImageError, ImageLimits, decode_image
@@ -28,6 +29,12 @@ class Decoded:
         out.update(width=self.width, height=self.height, **stage_columns)
         out.update(error_type=np.array(self.error_type, dtype=str), error=np.array(self.error, dtype=str))
         return out
+
+
+def error_columns(batch: dict[str, np.ndarray]) -> dict[str, pa.Array]:
+    """`error_type` and `error` as Arrow columns, null for the rows without an error (the sink's cue)."""
+    failed = batch["error"] != ""
+    return {name: pa.array(np.where(failed, batch[name], None), pa.string()) for name in ("error_type", "error")}
 
 
 def decode_rows(batch: dict[str, np.ndarray], limits: ImageLimits) -> Decoded:

@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
-from pipelines.decode import decode_rows
+from pipelines.decode import decode_rows, error_columns
 from pipelines.job import JobSummary, open_store, start, write
 from pipelines.sources import read_images, resolve_input
 from pixelray.encoders import EncoderSpec, create_encoder, resolve_encoder
@@ -130,9 +130,7 @@ class EmbedActor:
         }
         if patches is not None:
             columns["patch_features"] = _fixed_size_list(patches)
-        columns["error_type"] = pa.array(np.where(ok, None, batch["error_type"]), pa.string())
-        columns["error"] = pa.array(np.where(ok, None, batch["error"]), pa.string())
-        return pa.table(columns)
+        return pa.table({**columns, **error_columns(batch)})
 
 
 # --- the job -----------------------------------------------------------------------------------

@@ -10,7 +10,8 @@ A job's rows carry an `error` column; `StoreSink` routes rows with an error to
 errors/ and the rest to the job's table, in files of at most `rows_per_file`
 rows named `RUN-TASK-CHUNK.parquet`. Each file is written under a hidden temporary name and then
 renamed, so a reader (or a resumed run) never sees a half-written file. A rerun
-with resume reads the image_id column of both tables and skips those images.
+with resume reads the key column (image_id, or item_id for VQA) of both tables and
+skips those items.
 """
 
 from __future__ import annotations

@@ -21,18 +21,18 @@ def _embed_parser(sub) -> None:
     p.add_argument("input", help="a folder, a glob, a list file (.txt, one path or URI per line), or "
                                  "Parquet/tar shards; any pyarrow filesystem URI (s3://, gs://, ...) works")
     p.add_argument("--out", required=True, help="output directory or URI")
-    p.add_argument("--encoder", default="default",
-                   help="registry name (see `pixelray models`), local directory or hub id (default: %(default)s)")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--encoder", default=None,
+                   help="registry name (see `pixelray models`), local directory or hub id (default: default)")
+    p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--patches", action="store_true", help="also store patch features [num_patches, dim]")
     p.add_argument("--normalize", action="store_true", help="L2-normalise embeddings and patch features")
     p.add_argument("--resume", action="store_true", help="continue a store, skipping images already in it")
     p.add_argument("--overwrite", action="store_true", help="replace an existing store")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda", "mps"])
-    p.add_argument("--dtype", default="fp32", choices=["auto", "fp32", "fp16", "bf16"])
+    p.add_argument("--device", default=None, choices=["auto", "cpu", "cuda", "mps"])
+    p.add_argument("--dtype", default=None, choices=["auto", "fp32", "fp16", "bf16"], help="default: fp32")
     p.add_argument("--num-encoders", type=int, default=None,
                    help="encoder actors (default: one per GPU, or 1 on a CPU-only cluster)")
-    p.add_argument("--rows-per-file", type=int, default=1000, help="rows per output Parquet file")
+    p.add_argument("--rows-per-file", type=int, default=None, help="rows per output Parquet file")
     p.add_argument("--max-image-bytes", type=int, default=None)
     p.add_argument("--max-image-pixels", type=int, default=None)
     p.add_argument("--address", default=None,

@@ -53,9 +53,7 @@ class EncoderSpec(BaseModel):
     def preprocessor(self) -> Callable[[list[Image.Image]], np.ndarray]:
         """Images -> float32 array [batch, 3, H, W], without loading any weights."""
         if self.backend == "open_clip":
-            from open_clip.transform import PreprocessCfg, image_transform_v2
-
-            transform = image_transform_v2(PreprocessCfg(**self.preprocess), is_train=False)
+            transform = open_clip_transform(self.preprocess)
             return lambda images: torch.stack([transform(im) for im in images]).numpy()
         processor = _hf_image_processor(self)
         return lambda images: np.asarray(
@@ -149,27 +147,39 @@ def _finish(spec: EncoderSpec) -> EncoderSpec:
 
 def _open_clip_preprocess(spec: EncoderSpec) -> dict[str, Any]:
     import open_clip
-    from open_clip.transform import PreprocessCfg, merge_preprocess_dict
 
-    cfg = merge_preprocess_dict(PreprocessCfg(), {})
     if spec.source.startswith(("local-dir:", "hf-hub:")):
         saved = _open_clip_saved_config(spec.source)
-        model_cfg = saved["model_cfg"]
-        cfg = merge_preprocess_dict(cfg, saved.get("preprocess_cfg", {}))
-    else:
-        model_cfg = open_clip.get_model_config(spec.source)
-        if model_cfg is None:
-            raise ValueError(f"open_clip has no architecture {spec.source!r}")
-        if spec.pretrained:
-            tag_cfg = open_clip.get_pretrained_cfg(spec.source, spec.pretrained)
-            if not tag_cfg:
-                tags = open_clip.list_pretrained_tags_by_model(spec.source)
-                raise ValueError(
-                    f"open_clip {spec.source} has no pretrained tag {spec.pretrained!r}; known: {', '.join(tags)}"
-                )
-            cfg = merge_preprocess_dict(cfg, tag_cfg)
+        return open_clip_preprocess_cfg(saved["model_cfg"], saved.get("preprocess_cfg", {}))
+    model_cfg = open_clip.get_model_config(spec.source)
+    if model_cfg is None:
+        raise ValueError(f"open_clip has no architecture {spec.source!r}")
+    tag_cfg = {}
+    if spec.pretrained:
+        tag_cfg = open_clip.get_pretrained_cfg(spec.source, spec.pretrained)
+        if not tag_cfg:
+            tags = open_clip.list_pretrained_tags_by_model(spec.source)
+            raise ValueError(
+                f"open_clip {spec.source} has no pretrained tag {spec.pretrained!r}; known: {', '.join(tags)}"
+            )
+    return open_clip_preprocess_cfg(model_cfg, tag_cfg)
+
+
+def open_clip_preprocess_cfg(model_cfg: dict[str, Any], overlay: dict[str, Any]) -> dict[str, Any]:
+    """open_clip's eval preprocessing for a model config: its defaults, the saved or pretrained-tag
+    settings on top, and the vision tower's image size (as open_clip's factory does)."""
+    from open_clip.transform import PreprocessCfg, merge_preprocess_dict
+
+    cfg = merge_preprocess_dict(merge_preprocess_dict(PreprocessCfg(), {}), overlay)
     cfg["size"] = model_cfg["vision_cfg"]["image_size"]
     return {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()}
+
+
+def open_clip_transform(preprocess: dict[str, Any]):
+    """PIL image -> normalised tensor [3, H, W], by open_clip's own eval transform."""
+    from open_clip.transform import PreprocessCfg, image_transform_v2
+
+    return image_transform_v2(PreprocessCfg(**preprocess), is_train=False)
 
 
 def _open_clip_saved_config(source: str) -> dict[str, Any]:

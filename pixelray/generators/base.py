@@ -53,6 +53,11 @@ def cut_at_stop(text: str, stop: list[str]) -> tuple[str, bool]:
     return (text[: min(cuts)], True) if cuts else (text, False)
 
 
+def check_batch(conversations: list[list[Message]], images: list[list[Image.Image]]) -> None:
+    if len(conversations) != len(images):
+        raise ValueError(f"{len(conversations)} conversations but {len(images)} image lists")
+
+
 def decoding_kwargs(config: GenerationConfig, pad_id: int | None, tokenizer) -> dict[str, Any]:
     """`generate()` keyword arguments for a GenerationConfig (greedy at temperature 0)."""
     import torch

@@ -11,7 +11,8 @@ import torch
 from PIL import Image
 
 from pixelray.device import resolve_device, resolve_dtype
-from pixelray.generators.base import (GenerationConfig, GenerationResult, Generator, Message, decode_result,
+from pixelray.generators.base import (GenerationConfig, GenerationResult, Generator, Message, check_batch,
+                                     decode_result,
                                      decoding_kwargs, end_and_pad_ids)
 from pixelray.hub import not_available
 
@@ -52,8 +53,7 @@ class HFGenerator(Generator):
     @torch.inference_mode()
     def chat(self, conversations: list[list[Message]], images: list[list[Image.Image]],
              config: GenerationConfig = GenerationConfig()) -> list[GenerationResult]:
-        if len(conversations) != len(images):
-            raise ValueError(f"{len(conversations)} conversations but {len(images)} image lists")
+        check_batch(conversations, images)
         flat = [im for ims in images for im in ims]
         image_arg = images if self.family in NESTED_IMAGES else flat
         inputs = self.processor(text=self.prompts(conversations), images=image_arg or None, padding=True,

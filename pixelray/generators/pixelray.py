@@ -6,7 +6,9 @@ import torch
 from PIL import Image
 
 from pixelray.device import resolve_device, resolve_dtype
-from pixelray.generators.base import (GenerationConfig, GenerationResult, Generator, Message, decode_result,
+from pixelray.encoders import open_clip_preprocess_cfg, open_clip_transform
+from pixelray.generators.base import (GenerationConfig, GenerationResult, Generator, Message, check_batch,
+                                     decode_result,
                                       decoding_kwargs, end_and_pad_ids)
 from pixelray.hub import not_available
 
@@ -22,7 +24,6 @@ CHAT_TEMPLATE = (
 
 class PixelRayGenerator(Generator):
     def __init__(self, source: str, device: str = "auto", dtype: str = "auto", name: str | None = None):
-        from open_clip.transform import PreprocessCfg, image_transform_v2, merge_preprocess_dict
         from transformers import AutoTokenizer
 
         from pixelray.vlm import IMAGE_TOKEN, PixelRayForConditionalGeneration
@@ -40,23 +41,20 @@ class PixelRayGenerator(Generator):
         if self.tokenizer.chat_template is None:
             self.tokenizer.chat_template = CHAT_TEMPLATE
         config = self.model.config
-        cfg = merge_preprocess_dict(PreprocessCfg(), config.vision_preprocess)
-        cfg["size"] = config.vision_config["vision_cfg"]["image_size"]
-        self.transform = image_transform_v2(PreprocessCfg(**cfg), is_train=False)
-        self.image_tokens = IMAGE_TOKEN * config.num_image_tokens
+        self.transform = open_clip_transform(open_clip_preprocess_cfg(config.vision_config,
+                                                                      config.vision_preprocess))
+        self.image_token, self.image_tokens = IMAGE_TOKEN, IMAGE_TOKEN * config.num_image_tokens
         self.end_ids, self.pad_id = end_and_pad_ids(self.model.language_model.generation_config, self.tokenizer)
 
     def prompts(self, conversations: list[list[Message]]) -> list[str]:
-        from pixelray.vlm import IMAGE_TOKEN
-
+        """Chat-templated prompts, each <image> expanded to one token per patch."""
         return [self.tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False)
-                .replace(IMAGE_TOKEN, self.image_tokens) for c in conversations]
+                .replace(self.image_token, self.image_tokens) for c in conversations]
 
     @torch.inference_mode()
     def chat(self, conversations: list[list[Message]], images: list[list[Image.Image]],
              config: GenerationConfig = GenerationConfig()) -> list[GenerationResult]:
-        if len(conversations) != len(images):
-            raise ValueError(f"{len(conversations)} conversations but {len(images)} image lists")
+        check_batch(conversations, images)
         enc = self.tokenizer(self.prompts(conversations), padding=True, return_tensors="pt").to(self.device)
         flat = [im for ims in images for im in ims]
         pixels = torch.stack([self.transform(im) for im in flat]).to(self.device, self.dtype) if flat else None
