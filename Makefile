@@ -16,9 +16,11 @@ $(STAMP): pyproject.toml requirements-pins.txt
 	$(BIN)/python -m pip install -q -c requirements-pins.txt -e ".[all]"
 	touch $(STAMP)
 
-# The main job on the example images shipped in the repo (offline: the `default` encoder needs no download).
+# The main job on the example images shipped in the repo, offline: the bundled shapes-demo model
+# (pixelray/models/shapes-demo) captions them, and the captions are scored against the references.
 demo: $(STAMP)
-	$(BIN)/pixelray embed examples/images --out runs/demo --encoder default --overwrite
+	$(BIN)/pixelray caption examples/shapes --out runs/demo --overwrite
+	$(BIN)/pixelray eval runs/demo --references examples/shapes/captions.jsonl
 
 test: $(STAMP)
 	$(BIN)/python -m pytest tests

@@ -37,7 +37,7 @@ class CaptionConfig(BaseModel):
 
     input: str | None = None  # images; with --questions the file names the images
     out: str
-    model: str = "smolvlm-256m"
+    model: str = "shapes-demo"
     prompt: str = DEFAULT_PROMPT
     question: str | None = None
     questions: str | None = None

@@ -26,7 +26,9 @@ def init_ray(address: str | None = None) -> None:
         return
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
-        ray.init(address=address, runtime_env={"py_modules": [pixelray, pipelines]})
+        import train_jobs
+
+        ray.init(address=address, runtime_env={"py_modules": [pixelray, pipelines, train_jobs]})
     else:
         ray.init()
 

@@ -3,12 +3,16 @@
 Run as:
     pixelray embed INPUT --out DIR [--encoder NAME] [--batch-size N] [--patches] [--resume]
     pixelray caption INPUT --out DIR [--model NAME] [--prompt TEXT] [--question TEXT | --questions FILE]
+    pixelray train --config FILE [key=value ...] [--resume | --overwrite]
+    pixelray eval PREDICTIONS --references FILE   |   pixelray eval --shapes N --model NAME --out DIR
+    pixelray shapes --out DIR --num N [--seed S]
     pixelray models
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 
 from pixelray.hub import ModelNotAvailableError
@@ -66,6 +70,80 @@ def _caption_parser(sub) -> None:
     p.add_argument("--address", default=None)
 
 
+def _train_parser(sub) -> None:
+    p = sub.add_parser("train", help="two-stage / LoRA fine-tuning on Ray Train with DeepSpeed",
+                       description="Run the stages of a training config (train_jobs/configs/*.yaml) one after "
+                                   "another; each writes OUTPUT_DIR/STAGE/{model,checkpoint_*,metrics.csv,loss.png}.")
+    p.add_argument("--config", required=True, help="a YAML training config")
+    p.add_argument("overrides", nargs="*", help="key=value overrides, e.g. stages.0.max_steps=10 scaling.num_workers=2")
+    p.add_argument("--resume", action="store_true", help="go on from the last checkpoint; finished stages are skipped")
+    p.add_argument("--overwrite", action="store_true", help="delete an earlier run in output_dir first")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else local)")
+
+
+def _eval_parser(sub) -> None:
+    p = sub.add_parser("eval", help="score captions (BLEU-4, CIDEr, ROUGE-L) or VQA answers against references",
+                       description="Score a `pixelray caption` output directory against a references file, or "
+                                   "with --shapes N generate N held-out shapes images, run --model on them "
+                                   "(captions and questions) and score both.")
+    p.add_argument("predictions", nargs="?", help="output directory of `pixelray caption`")
+    p.add_argument("--references", help="JSON lines: {image, captions[, shapes]} or {image, question, answers}")
+    p.add_argument("--shapes", type=int, help="evaluate on this many held-out shapes images")
+    p.add_argument("--model", default=None, help="with --shapes: the model to run (default: shapes-demo)")
+    p.add_argument("--out", default=None, help="with --shapes: where images, outputs and scores.json go")
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--address", default=None)
+
+
+def _shapes_parser(sub) -> None:
+    p = sub.add_parser("shapes", help="write the synthetic shapes dataset (images, LLaVA records, references)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--num", type=int, required=True, help="number of images")
+    p.add_argument("--seed", type=int, default=0, help="held-out sets use pixelray.shapes.HELD_OUT_SEED")
+    p.add_argument("--tokenizer", action="store_true", help="also write OUT/tokenizer, fitted to the dataset's words")
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from train_jobs.config import load_config
+    from train_jobs.run import run_training
+
+    cfg = load_config(args.config, args.overrides)
+    print(json.dumps(run_training(cfg, resume=args.resume, overwrite=args.overwrite, address=args.address), indent=2))
+    return 0
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    from pipelines.evaluate import run_shapes_eval, score
+
+    if args.shapes:
+        if not args.out:
+            raise ValueError("--shapes needs --out DIR")
+        options = {k: v for k, v in (("batch_size", args.batch_size), ("address", args.address)) if v}
+        scores = run_shapes_eval(args.shapes, args.model or "shapes-demo", args.out, **options)
+        results = [scores["captions"], scores["answers"]]
+    elif args.predictions and args.references:
+        results = [score(args.predictions, args.references)]
+    else:
+        raise ValueError("give PREDICTIONS --references FILE, or --shapes N --out DIR")
+    for result in results:
+        print(f"{result['kind']}: {result['scored']} scored, {result['missing']} without a prediction")
+        for name, value in result.items():
+            if isinstance(value, float):
+                print(f"  {name:20s} {value:.4f}")
+    return 0
+
+
+def _run_shapes(args: argparse.Namespace) -> int:
+    from pixelray.shapes import train_tokenizer, write_dataset
+
+    out = write_dataset(args.out, args.num, seed=args.seed)
+    if args.tokenizer:
+        train_tokenizer(out / "tokenizer")
+    print(f"wrote {args.num} images to {out}/images, LLaVA records to {out}/llava.json, references to "
+          f"{out}/captions.jsonl and {out}/questions.jsonl")
+    return 0
+
+
 def _config_fields(args: argparse.Namespace) -> dict:
     """The options given on the command line (None = not given: the config's default applies)."""
     return {k: v for k, v in vars(args).items() if k != "command" and v is not None and v is not False}
@@ -107,9 +185,14 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     _embed_parser(sub)
     _caption_parser(sub)
+    _train_parser(sub)
+    _eval_parser(sub)
+    _shapes_parser(sub)
     sub.add_parser("models", help="list the models the registry knows, and which are available offline")
     args = parser.parse_args(argv)
-    handlers = {"embed": _run_embed, "caption": _run_caption, "models": _run_models}
+    handlers = {"embed": _run_embed, "caption": _run_caption, "train": _run_train, "eval": _run_eval,
+                "shapes": _run_shapes,
+                "models": _run_models}
     try:
         return handlers[args.command](args)
     except (ValueError, FileExistsError, ModelNotAvailableError) as e:

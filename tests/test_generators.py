@@ -96,4 +96,5 @@ def test_models_list_says_what_is_cached(monkeypatch, tmp_path):
     listed = list_generators()
     assert {"llava-1.5-7b", "llava-v1.6-mistral-7b", "smolvlm", "smolvlm-256m", "qwen2-vl-2b",
             "qwen2.5-vl-3b", "paligemma-3b"} <= set(listed)
-    assert {name for name, (_, _, offline) in listed.items() if offline} == {"smolvlm-256m"}
+    # the bundled model is always there
+    assert {name for name, (_, _, offline) in listed.items() if offline} == {"smolvlm-256m", "shapes-demo"}

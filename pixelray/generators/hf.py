@@ -30,7 +30,7 @@ class HFGenerator(Generator):
         self.dtype = resolve_dtype(dtype, self.device)
         kwargs: dict = {"dtype": self.dtype}
         if quantization:
-            kwargs.update(_quantization(quantization, self.device))
+            kwargs.update(quantization_kwargs(quantization, self.device))
         try:
             self.processor = AutoProcessor.from_pretrained(source)
             self.model = AutoModelForImageTextToText.from_pretrained(source, **kwargs)
@@ -77,7 +77,8 @@ def _last_user_text(conversation: list[Message]) -> str:
     raise ValueError("a conversation needs at least one user message")
 
 
-def _quantization(bits: str, device: torch.device) -> dict:
+def quantization_kwargs(bits: str, device: torch.device) -> dict:
+    """from_pretrained arguments for bitsandbytes 4/8-bit loading (CUDA only: a clear error elsewhere)."""
     if bits not in ("4bit", "8bit"):
         raise ValueError(f"quantization must be 4bit or 8bit, not {bits!r}")
     if device.type != "cuda":

@@ -1,0 +1,190 @@
+"""Typed training configs, read from YAML with `key=value` overrides from the command line.
+
+    cfg = load_config("train_jobs/configs/shapes.yaml", ["stages.1.lr=3e-4", "scaling.num_workers=2"])
+
+Overrides use dotted paths; a number indexes a list (`stages.0.max_steps=10`); values are parsed as
+YAML (`true`, `1e-4`, `[a, b]`). Unknown keys are errors, here and in the YAML file.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Part = Literal["vision", "projector", "language_model"]
+DEEPSPEED_DIR = Path(__file__).parent / "deepspeed"
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelConfig(Strict):
+    """What to train. `family` pixelray: the project's own model (pixelray.vlm), either loaded from
+    `path` or built from parts: `vision` (an open_clip model name such as "ViT-B-32" or a model config
+    dict) with optional `vision_pretrained` tag, `text` (a causal LM hub id or folder, or a config dict
+    to start from random weights) and `tokenizer` (hub id or folder; default: `text` when it is one).
+    `family` hf: an off-the-shelf VLM (LLaVA, SmolVLM, Qwen2-VL, PaliGemma) loaded from `path`."""
+
+    family: Literal["pixelray", "hf"] = "pixelray"
+    path: str | None = None
+    vision: str | dict[str, Any] | None = None
+    vision_pretrained: str | None = None
+    vision_preprocess: dict[str, Any] = Field(default_factory=dict)
+    text: str | dict[str, Any] | None = None
+    tokenizer: str | None = None
+    quantization: Literal["4bit", "8bit"] | None = None  # hf family only; needs CUDA (bitsandbytes)
+
+    @model_validator(mode="after")
+    def _source(self) -> ModelConfig:
+        if self.family == "hf" and not self.path:
+            raise ValueError("model.path is required for the hf family (a hub id or a model folder)")
+        if self.family == "pixelray" and not self.path and (self.vision is None or self.text is None):
+            raise ValueError("a pixelray model needs model.path, or model.vision and model.text to build one")
+        if self.quantization and self.family != "hf":
+            raise ValueError("model.quantization applies to the hf family only")
+        return self
+
+
+class DataConfig(Strict):
+    """Training records: LLaVA conversations ({"id", "image", "conversations": [{"from", "value"}]}) or
+    the simple format ({"image", "text", "prompt"}), as JSON, JSON lines or Parquet files or folders."""
+
+    train: str | list[str]
+    format: Literal["auto", "llava", "simple"] = "auto"
+    image_root: str | None = None  # relative image paths are resolved here (default: the data file's folder)
+    max_length: int = Field(512, ge=8)
+    shuffle_buffer: int = Field(1000, ge=0)  # rows; 0 keeps the file order
+
+
+class LoraSettings(Strict):
+    r: int = Field(16, ge=1)
+    alpha: int = Field(32, ge=1)
+    dropout: float = Field(0.05, ge=0.0, lt=1.0)
+    # the attention projections of the language model (named language_model or text_model in every family)
+    target_modules: str | list[str] = r".*(language_model|text_model).*\.(q_proj|k_proj|v_proj|o_proj)"
+
+
+class StageConfig(Strict):
+    """One stage: which parts train (the rest is frozen), LoRA or full, and the schedule."""
+
+    name: str
+    train: list[Part]
+    data: str | list[str] | None = None  # this stage's records (default: data.train), e.g. pretrain vs instruct
+    lora: LoraSettings | None = None  # LoRA adapters on the language model instead of training it whole
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int | None = Field(None, ge=1)  # optimizer steps; overrides epochs
+    batch_size: int = Field(8, ge=1)  # per worker, per micro-step
+    grad_accum: int = Field(1, ge=1)
+    lr: float = Field(1e-4, gt=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    warmup_steps: int = Field(0, ge=0)
+    weight_decay: float = Field(0.0, ge=0)
+    grad_clip: float = Field(1.0, ge=0)
+    log_every: int = Field(10, ge=1)
+    checkpoint_every: int = Field(200, ge=1)
+
+    @model_validator(mode="after")
+    def _parts(self) -> StageConfig:
+        if not self.train:
+            raise ValueError(f"stage {self.name}: `train` names no part (vision, projector, language_model)")
+        if self.lora and "language_model" in self.train:
+            raise ValueError(f"stage {self.name}: LoRA adapts the language model; drop language_model from "
+                             "`train` (full fine-tuning) or drop `lora`")
+        return self
+
+
+class DeepSpeedSettings(Strict):
+    config: str = "zero2.json"  # a file in train_jobs/deepspeed/ or a path
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # fp16 needs CUDA
+
+
+class ScalingSettings(Strict):
+    num_workers: int = Field(1, ge=1)
+    use_gpu: bool | Literal["auto"] = "auto"  # auto: when the cluster has GPUs
+    cpus_per_worker: float = Field(1.0, gt=0)
+    max_failures: int = Field(1, ge=0)  # worker failures survived, each resuming from the last checkpoint
+
+
+class FaultDrill(Strict):
+    """Raise once at `fail_at_step` on rank 0, to see recovery work (the marker file makes it once)."""
+
+    fail_at_step: int = Field(ge=1)
+    marker: str
+
+
+class TrainConfig(Strict):
+    output_dir: str
+    model: ModelConfig
+    data: DataConfig
+    stages: list[StageConfig] = Field(min_length=1)
+    deepspeed: DeepSpeedSettings = DeepSpeedSettings()
+    scaling: ScalingSettings = ScalingSettings()
+    seed: int = 0
+    tracker: Literal["none", "wandb", "mlflow"] = "none"
+    fault: FaultDrill | None = None
+
+    @model_validator(mode="after")
+    def _names(self) -> TrainConfig:
+        names = [s.name for s in self.stages]
+        if len(set(names)) != len(names):
+            raise ValueError(f"stage names repeat: {names}")
+        return self
+
+    def with_absolute_paths(self) -> TrainConfig:
+        """Relative local paths made absolute: Ray Train workers do not run in the driver's directory."""
+        def fix(value):
+            if isinstance(value, list):
+                return [fix(v) for v in value]
+            if isinstance(value, str) and "://" not in value and Path(value).exists():
+                return str(Path(value).resolve())
+            return value
+
+        tree = self.model_dump()
+        for section, keys in (("model", ("path", "text", "tokenizer")), ("data", ("train", "image_root"))):
+            for key in keys:
+                tree[section][key] = fix(tree[section][key])
+        for stage in tree["stages"]:
+            stage["data"] = fix(stage["data"])
+        tree["deepspeed"]["config"] = str(self.deepspeed_path().resolve())
+        tree["output_dir"] = tree["output_dir"] if "://" in self.output_dir else str(Path(self.output_dir).resolve())
+        return TrainConfig.model_validate(tree)
+
+    def deepspeed_path(self) -> Path:
+        path = Path(self.deepspeed.config)
+        return path if path.is_file() else DEEPSPEED_DIR / path
+
+
+def apply_override(tree: dict[str, Any], override: str) -> None:
+    """Set `a.b.0.c=value` in a nested dict/list tree (value parsed as YAML)."""
+    key, sep, raw = override.partition("=")
+    if not sep or not key:
+        raise ValueError(f"override {override!r} is not key=value")
+    *parents, last = key.split(".")
+    node: Any = tree
+    for part in parents:
+        if isinstance(node, list):
+            node = node[_index(part, node, key)]
+        else:
+            node = node.setdefault(part, {})
+    value = yaml.safe_load(raw)
+    if isinstance(node, list):
+        node[_index(last, node, key)] = value
+    else:
+        node[last] = value
+
+
+def _index(part: str, node: list, key: str) -> int:
+    if not part.isdigit() or int(part) >= len(node):
+        raise ValueError(f"override {key!r}: {part!r} is not an index of a list of {len(node)}")
+    return int(part)
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
+    tree = yaml.safe_load(Path(path).read_text()) or {}
+    for override in overrides:
+        apply_override(tree, override)
+    return TrainConfig.model_validate(tree)

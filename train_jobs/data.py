@@ -1,0 +1,245 @@
+"""Training data: LLaVA conversations or simple {image, text, prompt} records, streamed with Ray Data,
+and the collators that turn a batch of records into model inputs with labels.
+
+    ds = read_records(cfg.data)               # columns: id, image (path or URI), conversations, data (bytes)
+    collate = make_collator(model, processing, max_length=512)
+    batch = collate(rows)                     # input_ids, attention_mask, labels, pixel_values, ...
+
+Labels are -100 everywhere except on the assistant's replies (and their end-of-turn token), so the
+loss is on what the model should say, never on the prompt or the image tokens. A record whose
+prompt and image tokens leave no room for a reply within `max_length` is an error, never a silently
+empty sample; a reply cut by `max_length` trains on what is left.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import posixpath
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.fs as pafs
+import ray
+import torch
+
+from pixelray.images import ImageError, decode_image
+from train_jobs.config import DataConfig
+
+IMAGE_TAG = "<image>"
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+def _files(paths: str | list[str]) -> tuple[list[str], str]:
+    paths = [paths] if isinstance(paths, str) else list(paths)
+    suffixes = {Path(p.rstrip("/")).suffix for p in paths}
+    if suffixes <= {".jsonl"}:
+        return paths, "jsonl"
+    if suffixes <= {".json"}:
+        return paths, "json"
+    if suffixes <= {".parquet", ""}:
+        return paths, "parquet"
+    raise ValueError(f"training data must be .json, .jsonl or .parquet files (or Parquet folders), got {paths}")
+
+
+def read_records(cfg: DataConfig) -> ray.data.Dataset:
+    """Records in either format -> rows {id, image, conversations, data}: `image` resolved against
+    `image_root` (default: the data file's folder), `data` the image file's bytes (read in Ray tasks)."""
+    paths, kind = _files(cfg.train)
+    if kind == "parquet":
+        ds = ray.data.read_parquet(paths)
+    else:
+        ds = ray.data.read_json(paths, lines=kind == "jsonl")
+    root = cfg.image_root or posixpath.dirname(paths[0].rstrip("/"))
+    return (ds.map(to_conversation, fn_kwargs={"fmt": cfg.format, "root": root})
+              .map_batches(read_image_bytes, batch_format="pyarrow"))
+
+
+def to_conversation(row: dict[str, Any], fmt: str, root: str) -> dict[str, Any]:
+    """One record (LLaVA or simple format) -> {id, image, conversations}."""
+    if fmt == "auto":
+        fmt = "llava" if "conversations" in row else "simple"
+    if fmt == "llava":
+        turns = [{"from": t["from"], "value": t["value"]} for t in row["conversations"]]
+    else:
+        if "text" not in row:
+            raise ValueError(f"a simple-format record needs image, text (and prompt); got keys {sorted(row)}")
+        prompt = row.get("prompt") or "Describe the image."
+        turns = [{"from": "human", "value": f"{IMAGE_TAG}\n{prompt}"}, {"from": "gpt", "value": row["text"]}]
+    image = str(row["image"])
+    if root and "://" not in image and not posixpath.isabs(image):
+        image = posixpath.join(root, image)
+    return {"id": str(row.get("id") or image), "image": image, "conversations": turns}
+
+
+def read_image_bytes(batch):
+    """Add a `data` column with each image file's bytes (None when it cannot be read)."""
+    import pyarrow as pa
+
+    data = []
+    for uri in batch.column("image").to_pylist():
+        try:
+            fs, path = pafs.FileSystem.from_uri(uri) if "://" in uri else (pafs.LocalFileSystem(), uri)
+            with fs.open_input_file(path) as f:
+                data.append(f.read())
+        except (OSError, ValueError):
+            data.append(None)
+    return batch.append_column("data", pa.array(data, pa.binary()))
+
+
+def to_messages(turns: list[dict[str, str]]) -> list[dict[str, Any]]:
+    """LLaVA turns -> chat messages; `<image>` (and the newline beside it) becomes an image part,
+    which is how inference builds its prompts too."""
+    messages = []
+    for turn in turns:
+        role = ROLES.get(turn["from"])
+        if role is None:
+            raise ValueError(f"unknown conversation role {turn['from']!r} (expected human/gpt/system)")
+        text, content = turn["value"], []
+        if IMAGE_TAG in text:
+            content.append({"type": "image"})
+            text = text.replace(f"{IMAGE_TAG}\n", "").replace(f"\n{IMAGE_TAG}", "").replace(IMAGE_TAG, "")
+        content.append({"type": "text", "text": text})
+        messages.append({"role": role, "content": content})
+    if not any(m["role"] == "assistant" for m in messages):
+        raise ValueError("a training conversation needs at least one reply (a gpt turn)")
+    return messages
+
+
+def reply_spans(template, messages: list[dict[str, Any]]) -> tuple[str, list[tuple[str, str]]]:
+    """The full chat text and, per assistant reply, (text before the reply, text through the reply)."""
+    full = template(messages, add_generation_prompt=False, tokenize=False)
+    spans = []
+    for k, m in enumerate(messages):
+        if m["role"] == "assistant":
+            before = template(messages[:k], add_generation_prompt=True, tokenize=False)
+            through = template(messages[: k + 1], add_generation_prompt=False, tokenize=False)
+            if not (full.startswith(before) and full.startswith(through)):
+                raise ValueError("the chat template does not render conversations prefix by prefix; "
+                                 "labels cannot be placed on the replies")
+            spans.append((before, through))
+    return full, spans
+
+
+def _labels(ids: list[int], prefix_lengths: list[tuple[int, int]], max_length: int, record: str) -> list[int]:
+    labels = [-100] * len(ids)
+    for start, end in prefix_lengths:
+        labels[start:end] = ids[start:end]
+    if all(x == -100 for x in labels[:max_length]):
+        raise ValueError(f"record {record}: prompt and image tokens fill max_length={max_length} "
+                         f"({prefix_lengths[0][0]} tokens before the first reply); raise data.max_length")
+    return labels[:max_length]
+
+
+class PixelRayCollator:
+    """Records -> inputs of the pixelray model (pixelray.vlm): the tokenizer's chat template, one
+    `<image>` token per patch, the open_clip transform of the model's vision tower."""
+
+    def __init__(self, tokenizer, config, max_length: int):
+        from pixelray.encoders import open_clip_preprocess_cfg, open_clip_transform
+
+        self.tokenizer, self.max_length = tokenizer, max_length
+        self.transform = open_clip_transform(open_clip_preprocess_cfg(config.vision_config, config.vision_preprocess))
+        self.image_tokens = IMAGE_TAG * config.num_image_tokens
+
+    def _ids(self, text: str) -> list[int]:
+        return self.tokenizer(text.replace(IMAGE_TAG, self.image_tokens), add_special_tokens=False)["input_ids"]
+
+    def encode(self, turns: list[dict[str, str]], record: str = "?") -> tuple[list[int], list[int], int]:
+        """(input ids, labels), both cut to max_length, and the uncut length."""
+        full, spans = reply_spans(self.tokenizer.apply_chat_template, to_messages(turns))
+        ids = self._ids(full)
+        labels = _labels(ids, [(len(self._ids(b)), len(self._ids(t))) for b, t in spans], self.max_length, record)
+        return ids[: self.max_length], labels, len(ids)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        rows = decoded_rows(batch)
+        encoded = [self.encode(list(r["conversations"]), r["id"]) for r in rows]
+        pad = self.tokenizer.pad_token_id
+        width = max(len(e[0]) for e in encoded)
+        out = {"input_ids": torch.full((len(rows), width), pad), "labels": torch.full((len(rows), width), -100),
+               "attention_mask": torch.zeros((len(rows), width), dtype=torch.long)}
+        for i, (ids, labels, _) in enumerate(encoded):
+            out["input_ids"][i, : len(ids)] = torch.tensor(ids)
+            out["labels"][i, : len(labels)] = torch.tensor(labels)
+            out["attention_mask"][i, : len(ids)] = 1
+        out["pixel_values"] = torch.stack([self.transform(r["image"]) for r in rows])
+        return out
+
+
+class HFCollator:
+    """Records -> inputs of an off-the-shelf VLM through its own processor (LLaVA, SmolVLM, Qwen2-VL);
+    PaliGemma, which has no chat template, gets its processor's `suffix` labels."""
+
+    def __init__(self, processor, model_type: str, max_length: int):
+        self.processor, self.model_type, self.max_length = processor, model_type, max_length
+        self.processor.tokenizer.padding_side = "right"
+
+    def _images(self, row) -> list:
+        return [[row["image"]]] if self.model_type in ("smolvlm", "idefics3") else [row["image"]]
+
+    def _length(self, text: str, row) -> int:
+        return len(self.processor(text=[text], images=self._images(row))["input_ids"][0])
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
+        rows = decoded_rows(batch)
+        images = [im for r in rows for im in self._images(r)]
+        if self.model_type == "paligemma":
+            messages = [to_messages(list(r["conversations"])) for r in rows]
+            prompts = [IMAGE_TAG + m[0]["content"][-1]["text"] for m in messages]
+            answers = [m[1]["content"][-1]["text"] for m in messages]
+            out = self.processor(text=prompts, images=images, suffix=answers, padding=True, return_tensors="pt")
+            return dict(out)
+        texts, spans = [], []
+        for r in rows:
+            full, reply = reply_spans(self.processor.apply_chat_template, to_messages(list(r["conversations"])))
+            texts.append(full)
+            spans.append([(self._length(b, r), self._length(t, r)) for b, t in reply])
+        out = dict(self.processor(text=texts, images=images, padding=True, return_tensors="pt"))
+        labels = torch.full_like(out["input_ids"], -100)
+        for i, (r, s) in enumerate(zip(rows, spans)):
+            n = int(out["attention_mask"][i].sum())
+            labels[i, :n] = torch.tensor(_labels(out["input_ids"][i, :n].tolist(), s, n, r["id"]))
+        out["labels"] = labels
+        if out["input_ids"].shape[1] > self.max_length:
+            raise ValueError(f"a batch is {out['input_ids'].shape[1]} tokens long, over max_length={self.max_length}; "
+                             "raise data.max_length (image tokens cannot be cut)")
+        return out
+
+
+def decoded_rows(batch: dict[str, np.ndarray]) -> list[dict[str, Any]]:
+    """Rows of a numpy batch with a decoded RGB `image`; unreadable images are left out with a warning."""
+    rows = []
+    for i in range(len(batch["id"])):
+        try:
+            data = batch["data"][i]
+            if data is None:
+                raise ImageError("not_found", "the image file could not be read")
+            image = decode_image(bytes(data))
+        except ImageError as e:
+            print(f"skipping record {batch['id'][i]} ({batch['image'][i]}): {e}")
+            continue
+        rows.append({"id": str(batch["id"][i]), "image": image, "conversations": batch["conversations"][i]})
+    if not rows:
+        raise ValueError(f"no readable image in a batch of {len(batch['id'])} records")
+    return rows
+
+
+def make_collator(model, processing, max_length: int):
+    config = model.config
+    if config.model_type == "pixelray":
+        return PixelRayCollator(processing, config, max_length)
+    return HFCollator(processing, config.model_type, max_length)
+
+
+def check_lengths(ds: ray.data.Dataset, collator: PixelRayCollator) -> dict[str, int]:
+    """Encode every record's text (no images needed: the image token count is fixed) and fail before
+    training when one leaves no room for its reply. Returns {records, longest, truncated}."""
+    def lengths(batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        encoded = [collator.encode(list(c), str(i)) for c, i in zip(batch["conversations"], batch["id"])]
+        return {"length": np.array([e[2] for e in encoded]), "kept": np.array([len(e[0]) for e in encoded])}
+
+    stats = ds.select_columns(["id", "conversations"]).map_batches(lengths, batch_format="numpy").to_pandas()
+    return {"records": len(stats), "longest": int(stats["length"].max()),
+            "truncated": int((stats["length"] > stats["kept"]).sum())}

@@ -1,0 +1,154 @@
+"""Run a training config's stages one after another on Ray Train with DeepSpeed.
+
+Run as:
+    pixelray train --config train_jobs/configs/shapes.yaml [key=value ...] [--resume] [--address ADDR]
+
+Each stage is a TorchTrainer run named after the stage under `output_dir`:
+
+    output_dir/STAGE/checkpoint_*/   DeepSpeed model + optimizer shards, state.json (Ray Train's)
+    output_dir/STAGE/model/          the trained model (from_pretrained folder; LoRA merged)
+    output_dir/STAGE/adapter/        LoRA stages: the peft adapter
+    output_dir/STAGE/metrics.csv     step, epoch, loss, lr, samples/s
+    output_dir/STAGE/loss.png        the loss curve
+
+A stage starts from the previous stage's model/ (the first from `model.path`, or new). A worker
+that dies is restarted from the last checkpoint (`scaling.max_failures` times); a stopped job goes
+on from its last checkpoint with `--resume`, and finished stages are skipped.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import ray
+import ray.train
+from ray.train.torch import TorchConfig, TorchTrainer
+
+from train_jobs.config import TrainConfig
+from train_jobs.data import PixelRayCollator, check_lengths, read_records
+from train_jobs.loop import train_loop
+
+
+def run_training(cfg: TrainConfig, resume: bool = False, overwrite: bool = False,
+                 address: str | None = None) -> dict[str, Any]:
+    from pipelines.runtime import cluster_resources, init_ray
+
+    cfg = cfg.with_absolute_paths()
+    out = Path(cfg.output_dir)
+    if out.exists() and any(out.iterdir()) and not (resume or overwrite):
+        raise FileExistsError(f"{out} already holds a training run: pass --resume to go on, or --overwrite")
+    if overwrite and out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(cfg.model_dump_json(indent=2))
+    # Ray Train's controller polls workers at this interval; its default (~2 s a report) would
+    # dominate short steps. It must be set before a local Ray starts (workers inherit it).
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+    init_ray(address)
+    use_gpu = cluster_resources()[0].get("GPU", 0) > 0 if cfg.scaling.use_gpu == "auto" else cfg.scaling.use_gpu
+    if cfg.model.quantization and not use_gpu:
+        raise ValueError(f"model.quantization={cfg.model.quantization} (bitsandbytes) needs CUDA GPUs; "
+                         "this cluster has none: train in bf16/fp32 without it")
+
+    datasets: dict[str, ray.data.Dataset] = {}
+    init_from, summary = cfg.model.path, {"output_dir": str(out), "stages": {}}
+    for index, stage in enumerate(cfg.stages):
+        stage_dir = out / stage.name
+        if resume and (stage_dir / "model").is_dir():
+            print(f"stage {stage.name}: already trained, skipped")
+            init_from = str(stage_dir / "model")
+            continue
+        source = json.dumps(stage.data or cfg.data.train)
+        if source not in datasets:
+            datasets[source] = read_records(cfg.data.model_copy(update={"train": json.loads(source)})).materialize()
+        ds = datasets[source]
+        records = ds.count()
+        if cfg.model.family == "pixelray":
+            print(f"stage {stage.name}: token lengths {_check_lengths(cfg, ds, init_from)}")
+        per_worker = records // cfg.scaling.num_workers
+        steps_per_epoch = per_worker // stage.batch_size // stage.grad_accum
+        if steps_per_epoch == 0:
+            raise ValueError(f"stage {stage.name}: {records} records are not one step of "
+                             f"{cfg.scaling.num_workers} workers x batch {stage.batch_size} x accumulation {stage.grad_accum}")
+        total_steps = stage.max_steps or math.ceil(stage.epochs * steps_per_epoch)
+        started = time.perf_counter()
+        trainer = TorchTrainer(
+            train_loop,
+            train_loop_config={"config": cfg.model_dump(), "stage": index, "init_from": init_from,
+                               "total_steps": total_steps, "steps_per_epoch": steps_per_epoch,
+                               "resume_from": _last_checkpoint(stage_dir) if resume else None},
+            scaling_config=ray.train.ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=use_gpu,
+                                                   resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
+            torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+            run_config=ray.train.RunConfig(name=stage.name, storage_path=str(out),
+                                           failure_config=ray.train.FailureConfig(max_failures=cfg.scaling.max_failures),
+                                           checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
+            datasets={"train": ds},
+            # preserve_order: the same rows reach the same worker in the same order on every run,
+            # so a resumed run sees exactly the batches the interrupted one would have.
+            dataset_config=ray.train.DataConfig(execution_options=_ordered()),
+        )
+        result = trainer.fit()
+        seconds = time.perf_counter() - started
+        with result.checkpoint.as_directory() as d:
+            state = json.loads((Path(d) / "state.json").read_text())
+            for name in ("model", "adapter"):
+                if (Path(d) / name).is_dir():
+                    shutil.copytree(Path(d) / name, stage_dir / name, dirs_exist_ok=True)
+        write_metrics(state["history"], stage_dir)
+        init_from = str(stage_dir / ("model" if (stage_dir / "model").is_dir() else "adapter"))
+        summary["stages"][stage.name] = {"records": records, "steps": total_steps, "seconds": round(seconds, 1),
+                                         "final_loss": state["history"][-1]["loss"], "model": init_from}
+        print(f"stage {stage.name}: {total_steps} steps in {seconds:.0f} s, loss "
+              f"{state['history'][0]['loss']:.4f} -> {state['history'][-1]['loss']:.4f}; model in {init_from}")
+    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def _ordered():
+    from ray.data import ExecutionOptions
+
+    return ExecutionOptions(preserve_order=True)
+
+
+def _check_lengths(cfg: TrainConfig, ds: ray.data.Dataset, init_from: str | None) -> dict[str, int]:
+    """Every record must leave room for its reply within data.max_length (pixelray family: the
+    image token count is fixed by the config, so this needs no images and no weights)."""
+    from train_jobs.model import pixelray_config
+
+    config, tokenizer = pixelray_config(cfg.model, init_from)
+    return check_lengths(ds, PixelRayCollator(tokenizer, config, cfg.data.max_length))
+
+
+def _last_checkpoint(stage_dir: Path) -> str | None:
+    """The newest checkpoint a stopped run of this stage left (by the step in its state.json)."""
+    found = [(json.loads(p.read_text())["step"], p.parent) for p in stage_dir.glob("checkpoint_*/state.json")]
+    return str(max(found)[1]) if found else None
+
+
+def write_metrics(history: list[dict[str, Any]], stage_dir: Path) -> None:
+    """metrics.csv and loss.png (matplotlib, without a display) next to the stage's checkpoints."""
+    stage_dir.mkdir(parents=True, exist_ok=True)
+    with open(stage_dir / "metrics.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(history[0]))
+        writer.writeheader()
+        writer.writerows(history)
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    ax.plot([h["step"] for h in history], [h["loss"] for h in history])
+    ax.set(xlabel="step", ylabel="loss", title=f"stage {history[0]['stage']}", yscale="log")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(stage_dir / "loss.png", dpi=100)
+    plt.close(fig)
