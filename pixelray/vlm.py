@@ -73,7 +73,7 @@ class PixelRayForConditionalGeneration(PreTrainedModel):
 
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[images, 3, H, W] -> [images, num_patches, LM width]."""
-        _, tokens = self.vision(pixel_values.to(self.projector[0].weight.dtype))
+        _, tokens = self.vision(pixel_values.to(next(self.projector.parameters()).dtype))
         if self.vision.proj is not None:
             tokens = tokens @ self.vision.proj  # to the CLIP embedding width (512 for ViT-B/32)
         return self.projector(tokens)

@@ -78,12 +78,15 @@ def run_training(cfg: TrainConfig, resume: bool = False, overwrite: bool = False
             raise ValueError(f"stage {stage.name}: {records} records are not one step of "
                              f"{cfg.scaling.num_workers} workers x batch {stage.batch_size} x accumulation {stage.grad_accum}")
         total_steps = stage.max_steps or math.ceil(stage.epochs * steps_per_epoch)
+        resume_from = _last_checkpoint(stage_dir) if resume else None
+        if resume_from:
+            print(f"stage {stage.name}: resuming from {resume_from}", flush=True)
         started = time.perf_counter()
         trainer = TorchTrainer(
             train_loop,
             train_loop_config={"config": cfg.model_dump(), "stage": index, "init_from": init_from,
                                "total_steps": total_steps, "steps_per_epoch": steps_per_epoch,
-                               "resume_from": _last_checkpoint(stage_dir) if resume else None},
+                               "resume_from": resume_from},
             scaling_config=ray.train.ScalingConfig(num_workers=cfg.scaling.num_workers, use_gpu=use_gpu,
                                                    resources_per_worker={"CPU": cfg.scaling.cpus_per_worker}),
             torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
