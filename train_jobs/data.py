@@ -13,8 +13,6 @@ empty sample; a reply cut by `max_length` trains on what is left.
 
 from __future__ import annotations
 
-import io
-import json
 import posixpath
 from pathlib import Path
 from typing import Any
@@ -52,8 +50,11 @@ def read_records(cfg: DataConfig) -> ray.data.Dataset:
     else:
         ds = ray.data.read_json(paths, lines=kind == "jsonl")
     root = cfg.image_root or posixpath.dirname(paths[0].rstrip("/"))
-    return (ds.map(to_conversation, fn_kwargs={"fmt": cfg.format, "root": root})
-              .map_batches(read_image_bytes, batch_format="pyarrow"))
+    ds = (ds.map(to_conversation, fn_kwargs={"fmt": cfg.format, "root": root})
+            .map_batches(read_image_bytes, batch_format="pyarrow"))
+    # Rows keep the files' order, so every run (and every resumed run) splits them the same way.
+    ds.context.execution_options.preserve_order = True
+    return ds
 
 
 def to_conversation(row: dict[str, Any], fmt: str, root: str) -> dict[str, Any]:

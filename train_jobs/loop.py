@@ -85,7 +85,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
 
     # 3. Train: every worker takes the same number of micro-batches from its shard, so the
     #    collective calls line up; a resumed epoch skips (without decoding) what was already seen.
-    shard = ray.train.get_dataset_shard("train")
+    shard = ray.train.get_dataset_shard(f"train_{rank}")
     tracker = _tracker(cfg, stage) if rank == 0 else None
     step, started, losses = state["step"], time.perf_counter(), []
     while step < total_steps:

@@ -93,10 +93,12 @@ def run_training(cfg: TrainConfig, resume: bool = False, overwrite: bool = False
             run_config=ray.train.RunConfig(name=stage.name, storage_path=str(out),
                                            failure_config=ray.train.FailureConfig(max_failures=cfg.scaling.max_failures),
                                            checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
-            datasets={"train": ds},
-            # preserve_order: the same rows reach the same worker in the same order on every run,
-            # so a resumed run sees exactly the batches the interrupted one would have.
-            dataset_config=ray.train.DataConfig(execution_options=_ordered()),
+            # A fixed split of the materialized records, one dataset per rank, read in order: rank r
+            # sees the same rows in the same order on every run, so a resumed run sees exactly the
+            # batches the interrupted one would have. (Ray Train's own streaming split hands blocks
+            # to whichever worker asks first, which differs from run to run.)
+            datasets={f"train_{rank}": part for rank, part in enumerate(ds.split(cfg.scaling.num_workers, equal=True))},
+            dataset_config=ray.train.DataConfig(datasets_to_split=[], execution_options=_ordered()),
         )
         result = trainer.fit()
         seconds = time.perf_counter() - started
