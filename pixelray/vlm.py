@@ -28,9 +28,11 @@ class PixelRayConfig(PretrainedConfig):
 
     def __init__(self, vision_config: dict[str, Any] | None = None, vision_preprocess: dict[str, Any] | None = None,
                  text_config: dict[str, Any] | PretrainedConfig | None = None, image_token_id: int | None = None,
-                 **kwargs):
+                 vision_stem: list[int] | None = None, **kwargs):
         # vision_config: an open_clip model config ({"embed_dim", "vision_cfg", "text_cfg", ...})
         self.vision_config = vision_config or {}
+        # vision_stem: channels of the ConvStem that replaces the ViT's patch embedding (None: keep it)
+        self.vision_stem = list(vision_stem) if vision_stem else None
         self.vision_preprocess = vision_preprocess or {}
         if isinstance(text_config, dict):
             from transformers import CONFIG_MAPPING
@@ -47,6 +49,24 @@ class PixelRayConfig(PretrainedConfig):
         return (vision["image_size"] // vision["patch_size"]) ** 2
 
 
+class ConvStem(nn.Sequential):
+    """A convolutional patch embedding for a ViT trained from scratch: 3x3 stride-2 convolutions
+    (BatchNorm, GELU), then a 1x1 convolution to the ViT width. Len(channels) halvings make one token
+    per `patch_size` pixels, like the strided patch convolution it replaces, but with the locality
+    bias that lets a small ViT learn shapes from far fewer images (Xiao et al. 2021, "Early
+    convolutions help transformers see better")."""
+
+    def __init__(self, channels: list[int], width: int, patch_size: int):
+        if 2 ** len(channels) != patch_size:
+            raise ValueError(f"vision_stem {channels}: {len(channels)} stride-2 convolutions make "
+                             f"{2 ** len(channels)} px tokens, but the ViT's patch_size is {patch_size}")
+        layers, previous = [], 3
+        for c in channels:
+            layers += [nn.Conv2d(previous, c, 3, stride=2, padding=1, bias=False), nn.BatchNorm2d(c), nn.GELU()]
+            previous = c
+        super().__init__(*layers, nn.Conv2d(previous, width, 1))
+
+
 class PixelRayForConditionalGeneration(PreTrainedModel):
     config_class = PixelRayConfig
     base_model_prefix = "pixelray"
@@ -60,6 +80,9 @@ class PixelRayForConditionalGeneration(PreTrainedModel):
         clip = open_clip.CLIP(**config.vision_config)  # open_clip builds the tower; its text half is dropped
         self.vision = clip.visual
         self.vision.output_tokens = True
+        if config.vision_stem:
+            vision = config.vision_config["vision_cfg"]
+            self.vision.conv1 = ConvStem(config.vision_stem, vision["width"], vision["patch_size"])
         vision_dim = config.vision_config["embed_dim"]
         width = config.text_config.hidden_size
         self.projector = nn.Sequential(nn.Linear(vision_dim, width), nn.GELU(), nn.Linear(width, width))

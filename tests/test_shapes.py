@@ -92,13 +92,14 @@ def test_bundled_model_answers_held_out_images(held_out):
     images = [Image.open(held_out / c["image"]).convert("RGB") for c in caps]
     results = generator.generate(images, "Describe the image.", GenerationConfig(max_new_tokens=32))
     correct = [caption_correct(r.text, c["shapes"]) for r, c in zip(results, caps)]
-    # the model scores 0.69 / 0.72 on 500 held-out images (README); an untrained one names no shape right
-    assert sum(correct) >= 12, [r.text for r in results]
+    # the model scores 0.998 / 0.80 on 500 held-out images (README), 24/24 and 41/48 here; an
+    # untrained one names no shape right
+    assert sum(correct) >= 22, [r.text for r in results]
     qa = [json.loads(line) for line in (held_out / "questions.jsonl").read_text().splitlines()][:48]
     answers = generator.generate([Image.open(held_out / q["image"]).convert("RGB") for q in qa],
                                  [q["question"] for q in qa], GenerationConfig(max_new_tokens=8))
     right = [normalize_answer(a.text) == normalize_answer(q["answers"][0]) for a, q in zip(answers, qa)]
-    assert sum(right) >= 28, [(q["question"], a.text) for a, q in zip(answers, qa)]
+    assert sum(right) >= 36, [(q["question"], a.text) for a, q in zip(answers, qa)]
 
 
 @pytest.mark.slow
@@ -110,7 +111,7 @@ def test_eval_cli_on_held_out_shapes(ray_address, tmp_path):
     scores = json.loads((tmp_path / "scores.json").read_text())
     caps, answers = scores["captions"], scores["answers"]
     assert caps["scored"] == 40 and caps["missing"] == 0
-    assert caps["attribute_accuracy"] >= 0.5 and answers["vqa_accuracy"] >= 0.55
+    assert caps["attribute_accuracy"] >= 0.9 and answers["vqa_accuracy"] >= 0.7
     assert caps["CIDEr"] > 1.0 and 0.5 < caps["BLEU-4"] <= 1.0 and 0.5 < caps["ROUGE-L"] <= 1.0
     for name in ("attribute_accuracy", "BLEU-4", "CIDEr", "ROUGE-L", "vqa_accuracy"):
         assert name in proc.stdout

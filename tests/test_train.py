@@ -23,7 +23,7 @@ from pydantic import ValidationError
 from pixelray.shapes import train_tokenizer, write_dataset
 from train_jobs.config import LoraSettings, StageConfig, load_config
 from train_jobs.data import PixelRayCollator, make_collator, read_records, to_messages
-from train_jobs.model import apply_stage, load_model, parameter_table, part_of
+from train_jobs.model import apply_stage, load_model, param_groups, parameter_table, part_of
 
 ROOT = Path(__file__).resolve().parents[1]
 DEBUG = ROOT / "train_jobs" / "configs" / "debug.yaml"
@@ -63,6 +63,8 @@ def test_config_overrides_and_validation(tmp_path):
         StageConfig(name="s", train=["language_model"], lora=LoraSettings())
     with pytest.raises(ValidationError, match="model.path is required"):
         load_config(DEBUG, ["model.family=hf"])
+    with pytest.raises(ValidationError, match="does not train"):
+        load_config(DEBUG, ["stages.0.part_lr={vision: 1.0e-3}"])
 
 
 def test_readers_take_both_formats(ray_address, shapes_data, tmp_path):
@@ -121,6 +123,12 @@ def test_parts_and_freezing_per_stage(shapes_data, tiny_vlm_dirs):
     assert trainable == {"projector"}
     stage2 = apply_stage(model, StageConfig(name="s2", train=["projector", "language_model"]))
     assert all(p.requires_grad == (not n.startswith("vision.")) for n, p in stage2.named_parameters())
+    # a part's own learning rate: one optimizer group per rate, covering every trainable parameter
+    stage = StageConfig(name="s2", train=["vision", "projector", "language_model"], lr=1e-4, part_lr={"vision": 1e-3})
+    groups = {g["lr"]: g["params"] for g in param_groups(apply_stage(model, stage), stage)}
+    assert sorted(groups) == [1e-4, 1e-3]
+    assert {id(p) for p in groups[1e-3]} == {id(p) for p in model.vision.parameters()}
+    assert sum(len(g) for g in groups.values()) == len(list(model.parameters()))
     lora = apply_stage(model, StageConfig(name="s3", train=["projector"], lora=LoraSettings(r=2)))
     for name, p in lora.named_parameters():
         expected = "lora_" in name or ("projector" in name and "modules_to_save" in name)

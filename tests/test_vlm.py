@@ -30,6 +30,24 @@ def test_round_trip_and_registry_dispatch(tiny_vlm_dirs, tmp_path):
         model(ids, torch.randn(2, 3, 32, 32))
 
 
+def test_conv_stem_round_trip(tiny_vlm_dirs, tmp_path):
+    from pixelray.vlm import ConvStem, PixelRayConfig
+
+    config = PixelRayConfig.from_pretrained(tiny_vlm_dirs["pixelray"], vision_stem=[4, 8, 8])
+    model = PixelRayForConditionalGeneration(config)
+    assert isinstance(model.vision.conv1, ConvStem)
+    ids = torch.tensor([[5] + [config.image_token_id] * 16 + [7]])
+    model.train()(ids.repeat(4, 1), torch.randn(4, 3, 32, 32))  # moves the BatchNorm statistics
+    model.eval().save_pretrained(tmp_path)
+    loaded = PixelRayForConditionalGeneration.from_pretrained(tmp_path).eval()
+    assert loaded.config.vision_stem == [4, 8, 8]
+    pixels = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids, pixels).logits, model(ids, pixels).logits, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="patch_size is 8"):
+        PixelRayForConditionalGeneration(PixelRayConfig.from_pretrained(tiny_vlm_dirs["pixelray"], vision_stem=[4, 8]))
+
+
 def test_backend_generates_in_batches(tiny_vlm_dirs):
     gen = create_generator(str(tiny_vlm_dirs["pixelray"]), device="cpu")
     prompt = gen.prompts([[{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "hi"}]}]])[0]

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, model_validator
 
 Part = Literal["vision", "projector", "language_model"]
 DEEPSPEED_DIR = Path(__file__).parent / "deepspeed"
@@ -34,6 +34,7 @@ class ModelConfig(Strict):
     vision: str | dict[str, Any] | None = None
     vision_pretrained: str | None = None
     vision_preprocess: dict[str, Any] = Field(default_factory=dict)
+    vision_stem: list[int] | None = None  # a ConvStem's channels in place of the patch embedding (from scratch)
     text: str | dict[str, Any] | None = None
     tokenizer: str | None = None
     quantization: Literal["4bit", "8bit"] | None = None  # hf family only; needs CUDA (bitsandbytes)
@@ -44,6 +45,9 @@ class ModelConfig(Strict):
             raise ValueError("model.path is required for the hf family (a hub id or a model folder)")
         if self.family == "pixelray" and not self.path and (self.vision is None or self.text is None):
             raise ValueError("a pixelray model needs model.path, or model.vision and model.text to build one")
+        if self.vision_stem and self.vision_pretrained:
+            raise ValueError("model.vision_stem replaces the patch embedding, so it cannot load "
+                             "model.vision_pretrained weights: use it for towers trained from scratch")
         if self.quantization and self.family != "hf":
             raise ValueError("model.quantization applies to the hf family only")
         return self
@@ -80,6 +84,7 @@ class StageConfig(Strict):
     batch_size: int = Field(8, ge=1)  # per worker, per micro-step
     grad_accum: int = Field(1, ge=1)
     lr: float = Field(1e-4, gt=0)
+    part_lr: dict[Part, PositiveFloat] = {}  # a part's own peak rate, e.g. {vision: 2.0e-6} for an unfrozen CLIP
     min_lr_ratio: float = Field(0.1, ge=0, le=1)
     warmup_steps: int = Field(0, ge=0)
     weight_decay: float = Field(0.0, ge=0)
@@ -94,6 +99,8 @@ class StageConfig(Strict):
         if self.lora and "language_model" in self.train:
             raise ValueError(f"stage {self.name}: LoRA adapts the language model; drop language_model from "
                              "`train` (full fine-tuning) or drop `lora`")
+        if frozen := sorted(set(self.part_lr) - set(self.train)):
+            raise ValueError(f"stage {self.name}: part_lr names {frozen}, which this stage does not train")
         return self
 
 

@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from train_jobs.config import StageConfig, TrainConfig
 from train_jobs.data import make_collator
-from train_jobs.model import apply_stage, export_model, load_model, parameter_table
+from train_jobs.model import apply_stage, export_model, load_model, param_groups, parameter_table
 
 CHECKPOINT_TAG = "deepspeed"
 
@@ -64,8 +64,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     if rank == 0:
         print(parameter_table(model, f"stage {stage.name}: trainable vs total parameters"), flush=True)
     collate = make_collator(model, processing, cfg.data.max_length)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=stage.lr,
-                                  weight_decay=stage.weight_decay)
+    optimizer = torch.optim.AdamW(param_groups(model, stage), lr=stage.lr, weight_decay=stage.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(stage, total_steps))
     engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                            config=deepspeed_config(cfg, stage, device))

@@ -97,7 +97,7 @@ def pixelray_config(cfg: ModelConfig, source: str | None = None):
     if vision is None:
         raise ValueError(f"unknown open_clip model {cfg.vision!r}: see open_clip.list_models()")
     config = PixelRayConfig(vision_config=vision, vision_preprocess=cfg.vision_preprocess, text_config=text_config,
-                            image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
+                            vision_stem=cfg.vision_stem, image_token_id=tokenizer.convert_tokens_to_ids(IMAGE_TOKEN),
                             eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     return config, tokenizer
 
@@ -122,6 +122,16 @@ def build_pixelray(cfg: ModelConfig):
     generation = model.language_model.generation_config
     generation.eos_token_id, generation.pad_token_id = tokenizer.eos_token_id, tokenizer.pad_token_id
     return model, tokenizer
+
+
+def param_groups(model: nn.Module, stage: StageConfig) -> list[dict[str, Any]]:
+    """The trainable parameters as optimizer groups: one per learning rate (`stage.lr`, or the
+    part's `stage.part_lr`), e.g. an unfrozen pretrained vision tower at a lower rate than the rest."""
+    groups: dict[float, list[nn.Parameter]] = {}
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            groups.setdefault(stage.part_lr.get(part_of(name), stage.lr), []).append(param)
+    return [{"params": params, "lr": lr} for lr, params in groups.items()]
 
 
 def apply_stage(model: nn.Module, stage: StageConfig) -> nn.Module:
