@@ -16,8 +16,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-import pyarrow.parquet as pq
-
+from pipelines.store import Store
 from pixelray.metrics import caption_scores, vqa_accuracy
 from pixelray.shapes import HELD_OUT_SEED, caption_correct, write_dataset
 
@@ -31,7 +30,10 @@ def _key(path: str, base: Path | None = None) -> str:
 
 def read_predictions(out: str | Path) -> tuple[str, list[dict[str, Any]]]:
     """("captions" or "answers", rows) of a `pixelray caption` output directory."""
-    table = pq.read_table(Path(out) / "captions")
+    ds = Store(str(out), "captions").dataset("captions")
+    if ds is None:
+        raise ValueError(f"{out} holds no captions/*.parquet: give the --out directory of `pixelray caption`")
+    table = ds.to_table()
     return ("answers" if "answer" in table.column_names else "captions"), table.to_pylist()
 
 

@@ -191,8 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("models", help="list the models the registry knows, and which are available offline")
     args = parser.parse_args(argv)
     handlers = {"embed": _run_embed, "caption": _run_caption, "train": _run_train, "eval": _run_eval,
-                "shapes": _run_shapes,
-                "models": _run_models}
+                "shapes": _run_shapes, "models": _run_models}
     try:
         return handlers[args.command](args)
     except (ValueError, FileExistsError, ModelNotAvailableError) as e:

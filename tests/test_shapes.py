@@ -102,6 +102,13 @@ def test_bundled_model_answers_held_out_images(held_out):
     assert sum(right) >= 36, [(q["question"], a.text) for a, q in zip(answers, qa)]
 
 
+def test_eval_refuses_a_folder_without_captions(tmp_path):
+    refs = write_dataset(tmp_path / "data", 2, seed=1) / "captions.jsonl"
+    proc = subprocess.run([sys.executable, "-m", "pixelray.cli", "eval", str(tmp_path / "data"), "--references",
+                           str(refs)], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and "holds no captions/*.parquet" in proc.stderr, proc.stderr[-2000:]
+
+
 @pytest.mark.slow
 def test_eval_cli_on_held_out_shapes(ray_address, tmp_path):
     """`pixelray eval --shapes` end to end: generate, caption, answer, score (in a subprocess that joins Ray)."""

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow.fs as pafs
 import ray
 import torch
 
@@ -78,10 +77,12 @@ def read_image_bytes(batch):
     """Add a `data` column with each image file's bytes (None when it cannot be read)."""
     import pyarrow as pa
 
+    from pipelines.sources import split_uri
+
     data = []
     for uri in batch.column("image").to_pylist():
         try:
-            fs, path = pafs.FileSystem.from_uri(uri) if "://" in uri else (pafs.LocalFileSystem(), uri)
+            fs, path, _ = split_uri(uri)
             with fs.open_input_file(path) as f:
                 data.append(f.read())
         except (OSError, ValueError):

@@ -26,7 +26,7 @@ BUNDLED = Path(__file__).resolve().parents[1] / "models"
 
 REGISTRY: dict[str, dict[str, str]] = {
     "shapes-demo": dict(backend="pixelray", source=str(BUNDLED / "shapes-demo"),
-                        description="bundled: captions and answers about the shapes demo images (3.5M params)"),
+                        description="bundled: captions and answers about the shapes demo images (3.4M params)"),
     "llava-1.5-7b": dict(backend="hf", source="llava-hf/llava-1.5-7b-hf", description="LLaVA 1.5 7B"),
     "llava-v1.6-mistral-7b": dict(backend="hf", source="llava-hf/llava-v1.6-mistral-7b-hf",
                                   description="LLaVA-NeXT (1.6) Mistral 7B"),
