@@ -31,6 +31,7 @@ test-fast: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/embed.py
 	$(BIN)/python benchmarks/caption.py
+	$(BIN)/python benchmarks/serve_load.py
 
 clean:
 	rm -rf runs .pytest_cache

@@ -6,6 +6,7 @@ Run as:
     pixelray train --config FILE [key=value ...] [--resume | --overwrite]
     pixelray eval PREDICTIONS --references FILE   |   pixelray eval --shapes N --model NAME --out DIR
     pixelray shapes --out DIR --num N [--seed S]
+    pixelray serve [--config FILE] [--address ADDR] [key=value ...]
     pixelray models
 """
 
@@ -103,6 +104,28 @@ def _shapes_parser(sub) -> None:
     p.add_argument("--tokenizer", action="store_true", help="also write OUT/tokenizer, fitted to the dataset's words")
 
 
+def _serve_parser(sub) -> None:
+    p = sub.add_parser("serve", help="start the Serve app (caption, VQA, chat, OpenAI /v1) on Ray",
+                       description="Runs Serve's own `serve run` with a Serve config file or with "
+                                   "serve_apps.vlm:build_app and key=value arguments; blocks until Ctrl-C.")
+    p.add_argument("--config", default=None, help="a Serve config YAML, e.g. serve_apps/configs/local.yaml")
+    p.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS, else local)")
+    p.add_argument("--app", default="serve_apps.vlm:build_app", help="the app builder (without --config)")
+    p.add_argument("arguments", nargs="*", help="key=value app arguments, e.g. models=shapes-demo api_key=SECRET")
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    from ray.serve.scripts import cli as serve_cli
+
+    if args.config and args.arguments:
+        raise ValueError("key=value arguments go with the app builder; put them in the config file instead")
+    command = ["run", args.config or args.app, *args.arguments]
+    if args.address:
+        command += ["--address", args.address]
+    serve_cli.main(command, prog_name="serve", standalone_mode=False)
+    return 0
+
+
 def _run_train(args: argparse.Namespace) -> int:
     from train_jobs.config import load_config
     from train_jobs.run import run_training
@@ -188,10 +211,11 @@ def main(argv: list[str] | None = None) -> int:
     _train_parser(sub)
     _eval_parser(sub)
     _shapes_parser(sub)
+    _serve_parser(sub)
     sub.add_parser("models", help="list the models the registry knows, and which are available offline")
     args = parser.parse_args(argv)
     handlers = {"embed": _run_embed, "caption": _run_caption, "train": _run_train, "eval": _run_eval,
-                "shapes": _run_shapes, "models": _run_models}
+                "shapes": _run_shapes, "serve": _run_serve, "models": _run_models}
     try:
         return handlers[args.command](args)
     except (ValueError, FileExistsError, ModelNotAvailableError) as e:

@@ -40,6 +40,7 @@ class GenerationResult:
     text: str
     num_tokens: int  # generated tokens, the end-of-turn token excluded
     finish_reason: Literal["stop", "length"]
+    prompt_tokens: int = 0  # the prompt's tokens, image tokens included
 
 
 def user_turn(prompt: str, with_image: bool = True) -> Message:
@@ -56,6 +57,11 @@ def cut_at_stop(text: str, stop: list[str]) -> tuple[str, bool]:
 def check_batch(conversations: list[list[Message]], images: list[list[Image.Image]]) -> None:
     if len(conversations) != len(images):
         raise ValueError(f"{len(conversations)} conversations but {len(images)} image lists")
+    for i, (conversation, ims) in enumerate(zip(conversations, images)):
+        parts = sum(1 for m in conversation if isinstance(m["content"], list)
+                    for c in m["content"] if c.get("type") == "image")
+        if parts != len(ims):
+            raise ValueError(f"conversation {i} has {parts} image parts but {len(ims)} images")
 
 
 def decoding_kwargs(config: GenerationConfig, pad_id: int | None, tokenizer) -> dict[str, Any]:
@@ -83,7 +89,7 @@ def end_and_pad_ids(generation_config, tokenizer) -> tuple[set[int], int | None]
 
 
 def decode_result(tokens: list[int], tokenizer, end_ids: set[int], pad_id: int | None,
-                  config: GenerationConfig) -> GenerationResult:
+                  config: GenerationConfig, prompt_tokens: int = 0) -> GenerationResult:
     """Generated ids -> text, cut at the end-of-turn token or a stop string, with the token count."""
     ended = next((i for i, t in enumerate(tokens) if t in end_ids), None)
     if ended is not None:
@@ -93,18 +99,21 @@ def decode_result(tokens: list[int], tokenizer, end_ids: set[int], pad_id: int |
             tokens = tokens[:-1]
     text, stopped = cut_at_stop(tokenizer.decode(tokens, skip_special_tokens=True), config.stop)
     finish = "stop" if ended is not None or stopped or len(tokens) < config.max_new_tokens else "length"
-    return GenerationResult(text=text.strip(), num_tokens=len(tokens), finish_reason=finish)
+    return GenerationResult(text=text.strip(), num_tokens=len(tokens), finish_reason=finish,
+                            prompt_tokens=prompt_tokens)
 
 
 class Generator(ABC):
     """A loaded vision-language model."""
 
     name: str
+    tokenizer: Any  # decodes the ids a `streamer` is given
 
     @abstractmethod
     def chat(self, conversations: list[list[Message]], images: list[list[Image.Image]],
-             config: GenerationConfig = GenerationConfig()) -> list[GenerationResult]:
-        """One reply per conversation, generated as one batch."""
+             config: GenerationConfig = GenerationConfig(), streamer=None) -> list[GenerationResult]:
+        """One reply per conversation, generated as one batch; `streamer` (a transformers
+        BaseStreamer) is handed each step's new token ids, as `generate()` does."""
 
     def generate(self, images: list[Image.Image], prompts: list[str] | str,
                  config: GenerationConfig = GenerationConfig()) -> list[GenerationResult]:

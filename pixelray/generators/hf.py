@@ -52,7 +52,7 @@ class HFGenerator(Generator):
 
     @torch.inference_mode()
     def chat(self, conversations: list[list[Message]], images: list[list[Image.Image]],
-             config: GenerationConfig = GenerationConfig()) -> list[GenerationResult]:
+             config: GenerationConfig = GenerationConfig(), streamer=None) -> list[GenerationResult]:
         check_batch(conversations, images)
         flat = [im for ims in images for im in ims]
         image_arg = images if self.family in NESTED_IMAGES else flat
@@ -61,9 +61,10 @@ class HFGenerator(Generator):
         inputs = {k: v.to(self.device) for k, v in inputs.items() if k != "labels"}
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
-        out = self.model.generate(**inputs, **decoding_kwargs(config, self.pad_id, self.tokenizer))
-        return [decode_result(row.tolist(), self.tokenizer, self.end_ids, self.pad_id, config)
-                for row in out[:, inputs["input_ids"].shape[1]:]]
+        out = self.model.generate(**inputs, streamer=streamer,
+                                  **decoding_kwargs(config, self.pad_id, self.tokenizer))
+        return [decode_result(row.tolist(), self.tokenizer, self.end_ids, self.pad_id, config, int(n))
+                for row, n in zip(out[:, inputs["input_ids"].shape[1]:], inputs["attention_mask"].sum(1))]
 
 
 def _count_images(conversation: list[Message]) -> int:

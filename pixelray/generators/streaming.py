@@ -1,0 +1,80 @@
+"""Token streaming for one reply: text pieces as `generate()` produces them, then the final result.
+
+    for piece in stream_reply(generator, conversation, images, GenerationConfig(max_new_tokens=32)):
+        if isinstance(piece, str):
+            print(piece, end="")          # a new piece of text
+        else:
+            result = piece                # the GenerationResult, last
+
+The pieces add up to the final result's text. Text that could be the start of a stop string is held
+back until it is clear, so a stop string is never sent and then taken back.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from collections.abc import Iterator
+
+from PIL import Image
+from transformers.generation.streamers import BaseStreamer
+
+from pixelray.generators.base import GenerationConfig, GenerationResult, Generator, Message, cut_at_stop
+
+_END = object()
+
+
+class TokenQueue(BaseStreamer):
+    """A streamer for one sequence: `generate()` puts the prompt first (skipped), then each new token."""
+
+    def __init__(self):
+        self.queue: queue.Queue = queue.Queue()
+        self.prompt_seen = False
+
+    def put(self, value) -> None:
+        if not self.prompt_seen:
+            self.prompt_seen = True
+            return
+        self.queue.put(value.reshape(-1).tolist())
+
+    def end(self) -> None:
+        self.queue.put(_END)
+
+    def __iter__(self) -> Iterator[list[int]]:
+        while (ids := self.queue.get()) is not _END:
+            yield ids
+
+
+def stream_reply(generator: Generator, conversation: list[Message], images: list[Image.Image],
+                 config: GenerationConfig = GenerationConfig()) -> Iterator[str | GenerationResult]:
+    """Generate one reply in a background thread, yielding text pieces, then the GenerationResult."""
+    tokens, outcome = TokenQueue(), {}
+
+    def run() -> None:
+        try:
+            outcome["result"] = generator.chat([conversation], [images], config, streamer=tokens)[0]
+        except BaseException as e:  # re-raised in the caller's thread
+            outcome["error"] = e
+        finally:
+            tokens.end()  # generate() already did, unless it failed first
+
+    thread = threading.Thread(target=run, daemon=True, name="stream-reply")
+    thread.start()
+    hold = max((len(s) for s in config.stop), default=1) - 1
+    ids: list[int] = []
+    sent = ""
+    for new in tokens:
+        ids.extend(new)
+        text, stopped = cut_at_stop(generator.tokenizer.decode(ids, skip_special_tokens=True).lstrip(), config.stop)
+        # the final text is stripped, and a character cut mid-way decodes as U+FFFD: hold both back
+        ready = (text if stopped else text[: len(text) - hold]).rstrip().rstrip("\ufffd")
+        if len(ready) > len(sent) and ready.startswith(sent):
+            yield ready[len(sent):]
+            sent = ready
+    thread.join()  # generate() ends the stream before chat() has returned the result
+    if "error" in outcome:
+        raise outcome["error"]
+    result: GenerationResult = outcome["result"]
+    if result.text.startswith(sent) and len(result.text) > len(sent):
+        yield result.text[len(sent):]
+    yield result
