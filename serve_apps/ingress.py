@@ -243,9 +243,12 @@ class Ingress:
         except ConversationError as e:
             raise APIError(e.status, str(e), "conversation") from None
         user = user_turn(body.message, with_image=image is not None)
+        images = convo.images + ([image] if image else [])
         try:
-            result = await self._generate(handle, convo.messages + [user], convo.images + ([image] if image else []),
-                                          config)
+            if len(images) > self.settings.max_images_per_request:
+                raise APIError(409, f"conversation {cid} holds {len(convo.images)} images, the most it may: start a "
+                                    "new one", "too_many_images")
+            result = await self._generate(handle, convo.messages + [user], images, config)
         except BaseException:
             self.conversations.release(cid, convo)
             raise

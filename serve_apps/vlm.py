@@ -61,6 +61,7 @@ class AppArgs(Strict):
     max_request_bytes: int = Field(25 * 1024 * 1024, ge=1024)
     max_image_bytes: int = Field(20 * 1024 * 1024, ge=1024)
     max_image_pixels: int = Field(50_000_000, ge=1)
+    max_images_per_request: int = Field(4, ge=1)  # also the most a /chat conversation collects
     chat_max_turns: int = Field(16, ge=1)
     chat_max_conversations: int = Field(1024, ge=1)
     chat_ttl_s: float = Field(3600.0, gt=0)
@@ -107,6 +108,7 @@ def build_app(args: AppArgs) -> Application:
     settings = IngressSettings(
         api_key=args.api_key, image_url_hosts=args.image_url_hosts, max_request_bytes=args.max_request_bytes,
         max_image_bytes=args.max_image_bytes, max_image_pixels=args.max_image_pixels,
+        max_images_per_request=args.max_images_per_request,
         max_new_tokens={m.name: m.max_new_tokens for m in args.models}, chat_max_turns=args.chat_max_turns,
         chat_max_conversations=args.chat_max_conversations, chat_ttl_s=args.chat_ttl_s)
     models = {m.name: model_deployment(m) for m in args.models}

@@ -52,7 +52,7 @@ def wait_until(check, timeout: float, what: str):
         try:
             if result := check():
                 return result
-        except (requests.ConnectionError, ValueError):
+        except (requests.RequestException, ValueError):  # not up yet, or up but still starting the app
             pass
         time.sleep(0.5)
     raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
@@ -81,7 +81,8 @@ def server(ray_address, tiny_llava):
                    {"name": "tiny-llava", "source": str(tiny_llava), "device": "cpu", "num_cpus": 0.25,
                     "max_new_tokens": 16}],
         "api_key": KEY, "image_url_hosts": ["127.0.0.1"], "max_request_bytes": 2_000_000,
-        "max_image_bytes": 1_000_000, "max_image_pixels": 4_000_000, "chat_max_turns": 2,
+        "max_image_bytes": 1_000_000, "max_image_pixels": 4_000_000, "max_images_per_request": 1,
+        "chat_max_turns": 2,
     })
     serve.run(app, name="vlm", route_prefix="/")
     url = f"http://127.0.0.1:{port}"
@@ -138,6 +139,16 @@ def test_chat_keeps_the_conversation_and_bounds_it(server):
     assert full.status_code == 409 and "limit of 2 turns" in full.json()["error"]["message"]
     unknown = requests.post(f"{server}/chat", headers=AUTH, timeout=60, json={"message": "hi", "conversation_id": "x"})
     assert unknown.status_code == 404
+
+
+def test_chat_images_are_bounded_per_conversation(server):
+    turn = {"message": "Describe the image.", "image_base64": data_url(SHAPES / "images/000001.png")}
+    cid = requests.post(f"{server}/chat", headers=AUTH, timeout=60, json=turn).json()["conversation_id"]
+    second = requests.post(f"{server}/chat", headers=AUTH, timeout=60, json={**turn, "conversation_id": cid})
+    assert second.status_code == 409 and second.json()["error"]["code"] == "too_many_images"
+    text_only = requests.post(f"{server}/chat", headers=AUTH, timeout=60,
+                              json={"message": "How many shapes are there?", "conversation_id": cid})
+    assert text_only.status_code == 200 and text_only.json()["turns"] == 2  # the refused turn was not kept
 
 
 # --- the OpenAI-compatible API with the official client -----------------------------------------
