@@ -91,7 +91,9 @@ def deploy(model: dict) -> None:
 def replicas(model_name: str) -> int:
     from ray import serve
 
-    states = serve.status().applications[APP].deployments[f"model-{model_name}"].replica_states
+    from serve_apps.vlm import deployment_name
+
+    states = serve.status().applications[APP].deployments[deployment_name(model_name)].replica_states
     return states.get("RUNNING", 0)
 
 

@@ -72,7 +72,7 @@ class ConversationStore:
         convo.busy = True
         return cid, convo
 
-    def release(self, cid: str, convo: Conversation) -> None:
+    def release(self, convo: Conversation) -> None:
         """Give a conversation back without a new turn (its request failed)."""
         convo.busy = False
 

@@ -23,7 +23,6 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from ray import serve
@@ -55,11 +54,6 @@ async def _api_error(_, e: APIError) -> JSONResponse:
 @app.exception_handler(HTTPException)
 async def _http_error(_, e: HTTPException) -> JSONResponse:
     return _error(e.status_code, str(e.detail))
-
-
-@app.exception_handler(RequestValidationError)
-async def _validation_error(_, e: RequestValidationError) -> JSONResponse:
-    return _error(422, _describe(e.errors()), "invalid_parameters")
 
 
 def _describe(errors: list[dict]) -> str:
@@ -250,7 +244,7 @@ class Ingress:
                                     "new one", "too_many_images")
             result = await self._generate(handle, convo.messages + [user], images, config)
         except BaseException:
-            self.conversations.release(cid, convo)
+            self.conversations.release(convo)
             raise
         self.conversations.commit(cid, convo, user, image, result.text)
         return {"conversation_id": cid, "model": name, "reply": result.text, "turns": convo.turns,

@@ -90,12 +90,17 @@ class AppArgs(Strict):
         return self
 
 
+def deployment_name(model: str) -> str:
+    """The Serve deployment that serves the model clients call `model`."""
+    return "model-" + re.sub(r"[^\w.-]", "-", model)
+
+
 def model_deployment(m: ModelArgs) -> Application:
     autoscaling = {"min_replicas": m.min_replicas, "max_replicas": m.max_replicas,
                    "initial_replicas": max(m.min_replicas, 1), "target_ongoing_requests": m.target_ongoing_requests,
                    "upscale_delay_s": m.upscale_delay_s, "downscale_delay_s": m.downscale_delay_s}
     return VLMModel.options(
-        name="model-" + re.sub(r"[^\w.-]", "-", m.name), autoscaling_config=autoscaling,
+        name=deployment_name(m.name), autoscaling_config=autoscaling,
         max_ongoing_requests=m.max_ongoing_requests, max_queued_requests=m.max_queued_requests,
         ray_actor_options={"num_cpus": m.num_cpus, "num_gpus": m.num_gpus},
     ).bind(m.source or m.name, device=m.device, dtype=m.dtype, max_batch_size=m.max_batch_size,

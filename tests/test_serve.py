@@ -340,9 +340,9 @@ def test_pixelray_serve_subprocess(tmp_path):
     config = (ROOT / "serve_apps/configs/local.yaml").read_text().replace("port: 8000", f"port: {port}")
     (tmp_path / "serve.yaml").write_text(config)
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    log = open(tmp_path / "serve.log", "w")  # a pipe nobody reads could fill up and stall the server
     proc = subprocess.Popen([sys.executable, "-m", "pixelray.cli", "serve", "--config", str(tmp_path / "serve.yaml")],
-                            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            start_new_session=True)
+                            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         url = f"http://127.0.0.1:{port}"
         wait_until(lambda: requests.get(f"{url}/health", timeout=2).status_code == 200, 180, "pixelray serve")
@@ -356,6 +356,7 @@ def test_pixelray_serve_subprocess(tmp_path):
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
+        log.close()
     with pytest.raises(requests.ConnectionError):
         requests.get(f"http://127.0.0.1:{port}/health", timeout=2)
 

@@ -58,7 +58,6 @@ def run_training(cfg: TrainConfig, resume: bool = False, overwrite: bool = False
                          "this cluster has none: train in bf16/fp32 without it")
 
     datasets: dict[str, ray.data.Dataset] = {}
-    checked: dict[str, dict[str, int]] = {}
     init_from, summary = cfg.model.path, {"output_dir": str(out), "stages": {}}
     for index, stage in enumerate(cfg.stages):
         stage_dir = out / stage.name
@@ -69,11 +68,10 @@ def run_training(cfg: TrainConfig, resume: bool = False, overwrite: bool = False
         source = json.dumps(stage.data or cfg.data.train)
         if source not in datasets:
             datasets[source] = read_records(cfg.data.model_copy(update={"train": json.loads(source)})).materialize()
+            if cfg.model.family == "pixelray":  # once per data source: stages keep the tokenizer and image size
+                print(f"stage {stage.name}: token lengths {_check_lengths(cfg, datasets[source], init_from)}")
         ds = datasets[source]
         records = ds.count()
-        if cfg.model.family == "pixelray" and source not in checked:  # stages keep the tokenizer and image size
-            checked[source] = _check_lengths(cfg, ds, init_from)
-            print(f"stage {stage.name}: token lengths {checked[source]}")
         per_worker = records // cfg.scaling.num_workers
         steps_per_epoch = per_worker // stage.batch_size // stage.grad_accum
         if steps_per_epoch == 0:

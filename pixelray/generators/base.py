@@ -54,13 +54,17 @@ def cut_at_stop(text: str, stop: list[str]) -> tuple[str, bool]:
     return (text[: min(cuts)], True) if cuts else (text, False)
 
 
+def count_images(conversation: list[Message]) -> int:
+    """The `{"type": "image"}` parts of a conversation."""
+    return sum(1 for m in conversation if isinstance(m["content"], list)
+               for c in m["content"] if c.get("type") == "image")
+
+
 def check_batch(conversations: list[list[Message]], images: list[list[Image.Image]]) -> None:
     if len(conversations) != len(images):
         raise ValueError(f"{len(conversations)} conversations but {len(images)} image lists")
     for i, (conversation, ims) in enumerate(zip(conversations, images)):
-        parts = sum(1 for m in conversation if isinstance(m["content"], list)
-                    for c in m["content"] if c.get("type") == "image")
-        if parts != len(ims):
+        if (parts := count_images(conversation)) != len(ims):
             raise ValueError(f"conversation {i} has {parts} image parts but {len(ims)} images")
 
 

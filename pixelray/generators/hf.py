@@ -12,8 +12,7 @@ from PIL import Image
 
 from pixelray.device import resolve_device, resolve_dtype
 from pixelray.generators.base import (GenerationConfig, GenerationResult, Generator, Message, check_batch,
-                                     decode_result,
-                                     decoding_kwargs, end_and_pad_ids)
+                                     count_images, decode_result, decoding_kwargs, end_and_pad_ids)
 from pixelray.hub import not_available
 
 NESTED_IMAGES = {"idefics3", "smolvlm", "idefics2"}  # processors that want one image list per prompt
@@ -47,7 +46,7 @@ class HFGenerator(Generator):
     def prompts(self, conversations: list[list[Message]]) -> list[str]:
         if self.family in NO_CHAT_TEMPLATE:  # PaliGemma: image tokens, then the plain prompt
             image_token = getattr(self.processor, "image_token", "<image>")
-            return [image_token * _count_images(c) + _last_user_text(c) for c in conversations]
+            return [image_token * count_images(c) + _last_user_text(c) for c in conversations]
         return [self.processor.apply_chat_template(c, add_generation_prompt=True) for c in conversations]
 
     @torch.inference_mode()
@@ -65,10 +64,6 @@ class HFGenerator(Generator):
                                   **decoding_kwargs(config, self.pad_id, self.tokenizer))
         return [decode_result(row.tolist(), self.tokenizer, self.end_ids, self.pad_id, config, int(n))
                 for row, n in zip(out[:, inputs["input_ids"].shape[1]:], inputs["attention_mask"].sum(1))]
-
-
-def _count_images(conversation: list[Message]) -> int:
-    return sum(1 for m in conversation for c in m["content"] if c.get("type") == "image")
 
 
 def _last_user_text(conversation: list[Message]) -> str:
