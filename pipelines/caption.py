@@ -24,7 +24,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pipelines.decode import decode_rows, error_columns
 from pipelines.job import JobSummary, open_store, start, write
 from pipelines.sources import read_images, resolve_input, resolve_questions
-from pixelray.generators import GenerationConfig, GeneratorSpec, check_loadable, create_generator, resolve_generator
+from pixelray.generators import (GenerationConfig, GeneratorSpec, check_loadable, create_generator, resolve_generator,
+                                 user_turn)
 from pixelray.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, ImageLimits
 
 DEFAULT_PROMPT = "Describe the image."
@@ -112,11 +113,16 @@ class CaptionActor:
         ok = np.flatnonzero(batch["error"] == "")
         texts: list[str | None] = [None] * n
         tokens, finish = np.zeros(n, np.int32), [None] * n
+        batch = {**batch, "error_type": batch["error_type"].astype(object), "error": batch["error"].astype(object)}
         if len(ok):
-            images = [Image.fromarray(np.asarray(batch["image"][i], dtype=np.uint8)) for i in ok]
-            results = self.generator.generate(images, [str(batch["prompt"][i]) for i in ok], self.config)
-            for i, r in zip(ok, results):
-                texts[i], tokens[i], finish[i] = r.text, r.num_tokens, r.finish_reason
+            images = [[Image.fromarray(np.asarray(batch["image"][i], dtype=np.uint8))] for i in ok]
+            outcomes = self.generator.chat_items([[user_turn(str(batch["prompt"][i]))] for i in ok], images,
+                                                 self.config)
+            for i, r in zip(ok, outcomes):
+                if isinstance(r, Exception):  # this item failed (an LLM server down, an input refused): an error row
+                    batch["error_type"][i], batch["error"][i] = "generation", f"{type(r).__name__}: {r}"
+                else:
+                    texts[i], tokens[i], finish[i] = r.text, r.num_tokens, r.finish_reason
         vqa = "question" in batch
         cfg = self.config
         columns = {

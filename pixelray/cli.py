@@ -50,7 +50,9 @@ def _caption_parser(sub) -> None:
                                    "DIR/captions/*.parquet; bad images go to DIR/errors/*.parquet.")
     p.add_argument("input", nargs="?", help="as for `pixelray embed`; optional with --questions")
     p.add_argument("--out", required=True)
-    p.add_argument("--model", default=None, help="registry name (`pixelray models`), hf:ID, hub id or folder")
+    p.add_argument("--model", default=None, help="registry name (`pixelray models`), hf:ID, hub id or folder, or "
+                                                 "hybrid:ENCODER?url=URL&model=NAME (an encoder + an OpenAI-compatible "
+                                                 "LLM server such as LM Studio)")
     p.add_argument("--prompt", default=None, help="the instruction for every image")
     p.add_argument("--question", default=None, help="one question asked of every image (VQA)")
     p.add_argument("--questions", default=None,
@@ -162,8 +164,8 @@ def _run_shapes(args: argparse.Namespace) -> int:
     out = write_dataset(args.out, args.num, seed=args.seed)
     if args.tokenizer:
         train_tokenizer(out / "tokenizer")
-    print(f"wrote {args.num} images to {out}/images, LLaVA records to {out}/llava.json, references to "
-          f"{out}/captions.jsonl and {out}/questions.jsonl")
+    print(f"wrote {args.num} images to {out}/images, LLaVA records to {out}/llava.json and {out}/vqa.json, "
+          f"references to {out}/captions.jsonl and {out}/questions.jsonl")
     return 0
 
 
@@ -197,9 +199,10 @@ def _run_models(args: argparse.Namespace) -> int:
     print("encoders (pixelray embed --encoder NAME; also a local directory or a hub id):")
     for name, desc in list_encoders().items():
         print(f"  {name:22s} {desc}")
-    print("\ngenerators (also hf:HUB_ID, a hub id or a local directory); [offline] = in the local cache:")
-    for name, (desc, source, offline) in list_generators().items():
-        print(f"  {name:22s} {'[offline]' if offline else '[download]':10s} {source:40s} {desc}")
+    print("\ngenerators (also hf:HUB_ID, text:HUB_ID, hybrid:ENCODER?url=URL&model=NAME, a hub id or a local "
+          "directory); [offline] = in the local cache, [server] = needs its LLM server:")
+    for name, (desc, source, where) in list_generators().items():
+        print(f"  {name:22s} {f'[{where}]':10s} {source:40s} {desc}")
     return 0
 
 

@@ -46,8 +46,10 @@ class EncoderSpec(BaseModel):
     backend: Backend
     source: str  # open_clip model name (may carry local-dir:/hf-hub:), or a transformers id/dir
     pretrained: str | None = None  # open_clip pretrained tag
-    random_config: dict[str, Any] | None = None  # transformers config for a random-init model
-    preprocess: dict[str, Any] | None = None  # resolved open_clip preprocess config
+    # build the architecture from this config with random weights instead of loading `source`:
+    # a transformers config (with model_type) or an open_clip model config (embed_dim, vision_cfg, ...)
+    random_config: dict[str, Any] | None = None
+    preprocess: dict[str, Any] | None = None  # resolved open_clip preprocess config, or a transformers image processor's
     description: str = ""
 
     def preprocessor(self) -> Callable[[list[Image.Image]], np.ndarray]:
@@ -72,7 +74,7 @@ CLIP_ARCHS = {  # registry name -> (open_clip architecture, default pretrained t
 DINOV2_SIZES = ("small", "base", "large", "giant")
 DEFAULT_VIT = dict(  # the `default` encoder: a randomly initialised ViT for debugging pipelines
     model_type="vit", hidden_size=768, num_hidden_layers=4, num_attention_heads=12,
-    intermediate_size=3072, image_size=224, patch_size=16,
+    intermediate_size=3072, image_size=224, patch_size=16, add_pooling_layer=False,
 )
 
 REGISTRY: dict[str, dict[str, Any]] = {
@@ -195,8 +197,11 @@ def _open_clip_saved_config(source: str) -> dict[str, Any]:
 
 
 def _hf_image_processor(spec: EncoderSpec):
+    import transformers
     from transformers import AutoImageProcessor, ViTImageProcessor
 
+    if spec.preprocess is not None:
+        return getattr(transformers, spec.preprocess["image_processor_type"]).from_dict(spec.preprocess)
     if spec.random_config is not None:
         size = spec.random_config["image_size"]
         return ViTImageProcessor(size={"height": size, "width": size})
@@ -228,10 +233,11 @@ class Encoder:
         return torch.from_numpy(self._preprocess(images))
 
     @torch.inference_mode()
-    def encode(self, pixel_values: torch.Tensor | np.ndarray) -> EncoderOutput:
+    def encode(self, pixel_values: torch.Tensor | np.ndarray, normalize: bool | None = None) -> EncoderOutput:
+        """Pooled embedding and patch features; `normalize` (default: the encoder's) L2-normalises both."""
         pixels = torch.as_tensor(pixel_values).to(self.device, self.dtype, non_blocking=True)
         embedding, patches = self._forward(pixels)
-        if self.normalize:
+        if self.normalize if normalize is None else normalize:
             embedding = torch.nn.functional.normalize(embedding.float(), dim=-1)
             patches = torch.nn.functional.normalize(patches.float(), dim=-1)
         return EncoderOutput(embedding=embedding, patches=patches)
@@ -271,9 +277,38 @@ def create_encoder(name: str | EncoderSpec, device: str = "auto", dtype: str = "
     return HFEncoder(spec, _load_hf(spec), dev, torch_dtype, normalize)
 
 
+def architecture_spec(spec: EncoderSpec) -> EncoderSpec:
+    """The same encoder with random weights and its architecture written into the spec
+    (`random_config`), so it builds anywhere, offline, ready for a checkpoint's weights."""
+    if spec.random_config is not None:
+        return spec
+    if spec.backend == "open_clip":
+        if spec.source.startswith(("local-dir:", "hf-hub:")):
+            config = _open_clip_saved_config(spec.source)["model_cfg"]
+        else:
+            import open_clip
+
+            config = open_clip.get_model_config(spec.source)
+    else:
+        from transformers import AutoConfig
+
+        try:
+            config = AutoConfig.from_pretrained(spec.source).to_dict()
+        except Exception as e:
+            raise not_available(spec.source, e) from None
+        spec = spec.model_copy(update={"preprocess": _hf_image_processor(spec).to_dict()})
+    return spec.model_copy(update={"pretrained": None, "random_config": config})
+
+
 def _load_open_clip(spec: EncoderSpec) -> torch.nn.Module:
     import open_clip
 
+    if spec.random_config is not None:
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            visual = open_clip.CLIP(**spec.random_config).visual
+        visual.output_tokens = True
+        return visual
     quick_gelu = False
     if spec.pretrained:
         quick_gelu = bool(open_clip.get_pretrained_cfg(spec.source, spec.pretrained).get("quick_gelu"))
@@ -293,10 +328,12 @@ def _load_hf(spec: EncoderSpec) -> torch.nn.Module:
 
     if spec.random_config is not None:
         cfg = dict(spec.random_config)
+        # a model argument, not a config field (the `default` ViT has no pooler: patches are all it gives)
+        pooling = {"add_pooling_layer": cfg.pop("add_pooling_layer")} if "add_pooling_layer" in cfg else {}
         config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
         with torch.random.fork_rng():
             torch.manual_seed(0)  # every actor must build the same weights
-            return AutoModel.from_config(config, add_pooling_layer=False)
+            return AutoModel.from_config(config, **pooling)
     try:
         return AutoModel.from_pretrained(spec.source)
     except Exception as e:

@@ -137,18 +137,25 @@ def _example(index: int, seed: int) -> tuple[list[Shape], random.Random]:
     return random_scene(rng), rng
 
 
+def _record(rid: str, image: str, question: str, answer: str) -> dict:
+    return {"id": rid, "image": image, "conversations": [
+        {"from": "human", "value": f"<image>\n{question}"}, {"from": "gpt", "value": answer}]}
+
+
 def write_dataset(out: str | Path, num: int, seed: int = 0, size: int = 128, conversations_per_image: int = 4) -> Path:
     """Write `num` images and their annotations under `out`:
 
     - images/NNNNNN.png
     - llava.json: LLaVA conversation records ({"id", "image", "conversations"}), single-turn, a
       caption request or a question each; `conversations_per_image` records per image;
+    - vqa.json: the same format, question-heavy (the demo recipe's last stage, which teaches what
+      a caption does not): per image, its caption and every one of its questions, a record each;
     - captions.jsonl: {"image", "captions": [caption], "shapes": [...]} (references for `pixelray eval`);
     - questions.jsonl: {"image", "question", "answers": [answer]} (VQA input and references).
     """
     out = Path(out)
     (out / "images").mkdir(parents=True, exist_ok=True)
-    records, caps, qas = [], [], []
+    records, vqa, caps, qas = [], [], [], []
     for i in range(num):
         scene, rng = _example(i, seed)
         name = f"images/{i:06d}.png"
@@ -160,9 +167,11 @@ def write_dataset(out: str | Path, num: int, seed: int = 0, size: int = 128, con
         # Half of the records ask for the caption, the rest ask one of the image's questions.
         for j in range(conversations_per_image):
             q, a = (rng.choice(CAPTION_PROMPTS), text) if j % 2 == 0 else rng.choice(qa)
-            records.append({"id": f"{i:06d}-{j}", "image": name, "conversations": [
-                {"from": "human", "value": f"<image>\n{q}"}, {"from": "gpt", "value": a}]})
+            records.append(_record(f"{i:06d}-{j}", name, q, a))
+        for j, (q, a) in enumerate([(rng.choice(CAPTION_PROMPTS), text), *qa]):
+            vqa.append(_record(f"{i:06d}-q{j}", name, q, a))
     (out / "llava.json").write_text(json.dumps(records))
+    (out / "vqa.json").write_text(json.dumps(vqa))
     for fname, rows in (("captions.jsonl", caps), ("questions.jsonl", qas)):
         (out / fname).write_text("".join(json.dumps(r) + "\n" for r in rows))
     return out

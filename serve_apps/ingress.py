@@ -3,14 +3,16 @@
     POST /caption               multipart: image, prompt?, max_new_tokens?, model?
     POST /question              multipart: image, question, max_new_tokens?, model?
     POST /chat                  JSON: message, image_base64?, conversation_id?, model?, max_new_tokens?
+    POST /hybrid                multipart: image, prompt?, max_new_tokens?, temperature?, model? (a hybrid model)
     GET  /health                no key needed
     GET  /v1/models             OpenAI-compatible
     POST /v1/chat/completions   OpenAI-compatible: text and image_url parts, stream, n, stop, seed, ...
 
 Every error is a JSON body {"error": {"message", "type", "code"}} with a 4xx status for bad input
-(400 unreadable, 401 key, 404 model, 409 conversation, 413 too big, 422 bad values) and 503 when
-the models are overloaded. Bodies are parsed here, not by FastAPI, so that the size limit and the
-API key are checked before a byte of a large upload is read.
+(400 unreadable, 401 key, 404 model, 409 conversation, 413 too big, 422 bad values), 503 when
+the models are overloaded, and for a hybrid model 503 when its LLM server cannot be reached or is
+too slow, 502 when it answers with an error or garbage. Bodies are parsed here, not by FastAPI,
+so that the size limit and the API key are checked before a byte of a large upload is read.
 """
 
 
@@ -32,6 +34,7 @@ from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException
 
 from pixelray.generators import GenerationConfig, GenerationResult, user_turn
+from pixelray.hybrid.client import LLMServerError
 from pixelray.images import ImageLimits
 from serve_apps import protocol
 from serve_apps.conversations import ConversationError, ConversationStore
@@ -79,6 +82,7 @@ class IngressSettings(BaseModel):
     chat_max_conversations: int = 1024
     chat_ttl_s: float = 3600.0
     retries: int = 2  # a request whose replica died is sent again, this many times
+    hybrid_models: list[str] = []  # the models /hybrid may use (backend hybrid), the first by default
 
 
 class CaptionForm(BaseModel):
@@ -95,6 +99,10 @@ class QuestionForm(BaseModel):
     question: str = Field(min_length=1, max_length=2000)
     max_new_tokens: int = Field(32, ge=1)
     model: str | None = None
+
+
+class HybridForm(CaptionForm):
+    temperature: float = Field(0.0, ge=0.0, le=2.0)
 
 
 class ChatRequest(BaseModel):
@@ -183,8 +191,9 @@ class Ingress:
         return _validated(GenerationConfig, {"max_new_tokens": max_new_tokens, **kwargs})
 
     async def _generate(self, handle: DeploymentHandle, conversation, images, config) -> GenerationResult:
-        """One reply; a request whose replica died is retried on another, an overload is a 503, and a
-        ValueError from the model (an input it cannot take) a 400."""
+        """One reply; a request whose replica died is retried on another, an overload is a 503, a
+        ValueError from the model (an input it cannot take) a 400, and a hybrid's LLM server failing
+        its LLMServerError's status (502 or 503)."""
         for attempt in range(self.settings.retries + 1):
             try:
                 return await handle.generate.remote(conversation, images, config)
@@ -194,6 +203,8 @@ class Ingress:
                 if attempt == self.settings.retries:
                     raise APIError(503, "the model replica failed; retry shortly", "replica_failed") from None
                 logger.warning("a model replica died during a request (%s); sending it again", type(e).__name__)
+            except LLMServerError as e:
+                raise APIError(e.status, str(e), "llm_server_error") from None
             except ValueError as e:
                 raise APIError(400, f"the model refused the input: {e}", "model_input") from None
         raise AssertionError("unreachable")
@@ -204,14 +215,19 @@ class Ingress:
     async def health(self) -> dict:
         return {"status": "ok", "models": list(self.models)}
 
-    async def _ask(self, request: Request, form_model: type[BaseModel],
-                   prompt_field: str) -> tuple[Any, str, GenerationResult]:
-        """A multipart request about one image -> (its form, the model's name, the reply)."""
+    async def _ask(self, request: Request, form_model: type[BaseModel], prompt_field: str,
+                   models: list[str] | None = None) -> tuple[Any, str, GenerationResult]:
+        """A multipart request about one image -> (its form, the model's name, the reply); `models`:
+        the ones this route may use (default: all), the first of them when the form names none."""
         form, data = await self._form(request, form_model)
         image = image_from_bytes(data, self.limits)
-        name, handle = self._model(form.model)
+        if models is not None and form.model is not None and form.model not in models:
+            raise APIError(404, f"model {form.model!r} cannot serve this route; use one of {', '.join(models)}",
+                           "model_not_found")
+        name, handle = self._model(form.model or (models[0] if models else None))
         result = await self._generate(handle, [user_turn(getattr(form, prompt_field))], [image],
-                                      self._config(name, form.max_new_tokens))
+                                      self._config(name, form.max_new_tokens,
+                                                   temperature=getattr(form, "temperature", 0.0)))
         return form, name, result
 
     @app.post("/caption")
@@ -225,6 +241,16 @@ class Ingress:
         form, name, result = await self._ask(request, QuestionForm, "question")
         return {"model": name, "question": form.question, "answer": result.text,
                 "finish_reason": result.finish_reason, "num_tokens": result.num_tokens}
+
+    @app.post("/hybrid")
+    async def hybrid(self, request: Request) -> dict:
+        """A caption from a hybrid model: the encoder's summarised features, written up by its LLM server."""
+        if not self.settings.hybrid_models:
+            raise APIError(404, "no hybrid model is served here: add one, e.g. models=[{name: hybrid, source: "
+                                "'hybrid:clip?url=http://localhost:1234/v1'}]", "model_not_found")
+        _, name, result = await self._ask(request, HybridForm, "prompt", self.settings.hybrid_models)
+        return {"model": name, "caption": result.text, "finish_reason": result.finish_reason,
+                "num_tokens": result.num_tokens}
 
     @app.post("/chat")
     async def chat(self, request: Request) -> dict:

@@ -9,7 +9,10 @@ Run as:
 
 `key=value` arguments set the fields of `AppArgs`; `models` takes comma-separated registry names,
 model folders or hub ids (or, in a config file, a list of `ModelArgs`). The HTTP proxy listens on
-127.0.0.1:8000 unless the Serve config's http_options say otherwise.
+127.0.0.1:8000 unless the Serve config's http_options say otherwise. A hybrid model (source
+`hybrid:ENCODER?url=...`, see pixelray.hybrid) answers on /hybrid and in /v1 like the others:
+
+    serve run serve_apps.vlm:build_app models=hybrid          # CLIP + LM Studio at localhost:1234
 """
 
 import os
@@ -19,6 +22,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from ray.serve import Application
 
+from pixelray.generators import resolve_generator
 from serve_apps.ingress import Ingress, IngressSettings
 from serve_apps.model import VLMModel
 
@@ -115,7 +119,8 @@ def build_app(args: AppArgs) -> Application:
         max_image_bytes=args.max_image_bytes, max_image_pixels=args.max_image_pixels,
         max_images_per_request=args.max_images_per_request,
         max_new_tokens={m.name: m.max_new_tokens for m in args.models}, chat_max_turns=args.chat_max_turns,
-        chat_max_conversations=args.chat_max_conversations, chat_ttl_s=args.chat_ttl_s)
+        chat_max_conversations=args.chat_max_conversations, chat_ttl_s=args.chat_ttl_s,
+        hybrid_models=[m.name for m in args.models if resolve_generator(m.source or m.name).backend == "hybrid"])
     models = {m.name: model_deployment(m) for m in args.models}
     # one ingress replica: /chat keeps its conversations in the ingress's memory
     return Ingress.options(ray_actor_options={"num_cpus": args.ingress_num_cpus},

@@ -72,7 +72,7 @@ def test_names_and_offline_errors(tiny_llava, tmp_path):
     assert resolve_generator("smolvlm-256m").source == "HuggingFaceTB/SmolVLM-256M-Instruct"
     assert resolve_generator(f"hf:{tiny_llava}").source == str(tiny_llava)
     assert resolve_generator(str(tiny_llava)).backend == "hf"
-    with pytest.raises(ValueError, match="is for the hf backend"):
+    with pytest.raises(ValueError, match="is for the hf and text backends"):
         create_generator(resolve_generator(f"pixelray:{tiny_llava}"), quantization="4bit")
     with pytest.raises(ValueError, match="unknown model"):
         resolve_generator("not a model")
@@ -97,4 +97,5 @@ def test_models_list_says_what_is_cached(monkeypatch, tmp_path):
     assert {"llava-1.5-7b", "llava-v1.6-mistral-7b", "smolvlm", "smolvlm-256m", "qwen2-vl-2b",
             "qwen2.5-vl-3b", "paligemma-3b"} <= set(listed)
     # the bundled model is always there
-    assert {name for name, (_, _, offline) in listed.items() if offline} == {"smolvlm-256m", "shapes-demo"}
+    assert {name for name, (_, _, where) in listed.items() if where == "offline"} == {"smolvlm-256m", "shapes-demo"}
+    assert listed["hybrid"][2] == "server"

@@ -368,11 +368,13 @@ def test_serve_run_arguments_are_typed():
 
     from serve_apps.vlm import AppArgs, build_app
 
-    app = call_user_app_builder_with_args_if_necessary(build_app, {"models": "shapes-demo, other", "api_key": "k",
+    app = call_user_app_builder_with_args_if_necessary(build_app, {"models": "shapes-demo, org/other", "api_key": "k",
                                                                    "image_url_hosts": "a.com,b.com"})
     assert isinstance(app, Application)
-    args = AppArgs.model_validate({"models": "shapes-demo, other", "image_url_hosts": "a.com,b.com"})
-    assert [m.name for m in args.models] == ["shapes-demo", "other"] and args.image_url_hosts == ["a.com", "b.com"]
+    args = AppArgs.model_validate({"models": "shapes-demo, org/other", "image_url_hosts": "a.com,b.com"})
+    assert [m.name for m in args.models] == ["shapes-demo", "org/other"] and args.image_url_hosts == ["a.com", "b.com"]
+    with pytest.raises(ValueError, match="unknown model 'nope'"):  # at build time, not in a failing replica
+        build_app({"models": "nope"})
     with pytest.raises(ValueError, match="repeat"):
         AppArgs.model_validate({"models": "a,a"})
     with pytest.raises(ValueError, match="min_replicas"):

@@ -60,6 +60,13 @@ def test_write_dataset(tmp_path):
     assert records[0]["conversations"][0]["value"].startswith("<image>\n")
     caps = [json.loads(line) for line in (out / "captions.jsonl").read_text().splitlines()]
     assert all(caption_correct(c["captions"][0], c["shapes"]) for c in caps)
+    # vqa.json: per image its caption, then each of its questions, a record each
+    vqa = json.loads((out / "vqa.json").read_text())
+    questions = [json.loads(line) for line in (out / "questions.jsonl").read_text().splitlines()]
+    assert len(vqa) == 12 + len(questions)
+    assert [r["conversations"][1]["value"] for r in vqa if r["id"].endswith("-q0")] == [c["captions"][0] for c in caps]
+    asked = [(r["conversations"][0]["value"], r["conversations"][1]["value"]) for r in vqa if not r["id"].endswith("-q0")]
+    assert asked == [(f"<image>\n{q['question']}", q["answers"][0]) for q in questions]
     assert Image.open(out / caps[0]["image"]).size == (128, 128)
     # the same seed writes the same dataset; the held-out seed another
     again = write_dataset(tmp_path / "e", 12, seed=5, conversations_per_image=3)

@@ -23,7 +23,7 @@ from pydantic import ValidationError
 from pixelray.shapes import train_tokenizer, write_dataset
 from train_jobs.config import LoraSettings, StageConfig, load_config
 from train_jobs.data import PixelRayCollator, make_collator, read_records, to_messages
-from train_jobs.model import apply_stage, load_model, param_groups, parameter_table, part_of
+from train_jobs.model import apply_stage, load_model, param_groups, parameter_table, part_of, reply_mean_loss
 
 ROOT = Path(__file__).resolve().parents[1]
 DEBUG = ROOT / "train_jobs" / "configs" / "debug.yaml"
@@ -109,6 +109,18 @@ def test_collator_labels_only_the_replies(shapes_data):
     assert batch["pixel_values"].shape == (1, 3, 32, 32)
     loss = model(**batch).loss
     assert torch.isfinite(loss)
+    # loss: reply averages each reply's tokens first: "circle<|im_end|>" and "two<|im_end|>" count the same
+    logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits[0, :-1]
+    targets = batch["labels"][0, 1:]
+    replies: list[list[int]] = []
+    for i in torch.nonzero(targets != -100).flatten().tolist():  # runs of labelled positions
+        if replies and replies[-1][-1] == i - 1:
+            replies[-1].append(i)
+        else:
+            replies.append([i])
+    per_reply = [torch.nn.functional.cross_entropy(logits[r], targets[r]) for r in replies]
+    assert len(replies) == 2 and len(replies[0]) != len(replies[1])  # "circle" and "two" differ in tokens
+    assert torch.allclose(reply_mean_loss(model(**batch).logits, batch["labels"]), sum(per_reply) / 2, atol=1e-5)
     # a prompt that fills max_length leaves nothing to learn: an error naming the record, never a silent sample
     with pytest.raises(ValueError, match="record t: prompt and image tokens fill max_length=20"):
         make_collator(model, tokenizer, max_length=20)(numpy_batch([two_turns], shapes_data))
@@ -155,8 +167,10 @@ def test_two_stages_zero2_two_workers(ray_address, shapes_data, tmp_path):
     from pixelray.generators import create_generator
     from pixelray.vlm import PixelRayForConditionalGeneration
 
+    # stage 2 reads its own records (the question-heavy vqa.json) with the loss averaged per reply
     cfg = debug_config(tmp_path / "run", shapes_data, "stages.1.max_steps=10", "stages.1.lr=3e-3",
-                       "deepspeed.config=zero2.json")
+                       "deepspeed.config=zero2.json", f"stages.1.data={shapes_data / 'vqa.json'}",
+                       "stages.1.loss=reply")
     summary = run_training(cfg)
     s1, s2 = (tmp_path / "run" / s for s in ("stage1", "stage2"))
     history = _history(s2)

@@ -232,3 +232,19 @@ def save_tiny_pixelray(out: Path) -> Path:
     PixelRayForConditionalGeneration(config).save_pretrained(out)
     tok.save_pretrained(out)
     return out
+
+
+def save_tiny_text_llm(out: Path) -> Path:
+    """A text-only chat LLM (tiny Qwen2ForCausalLM, Qwen chat template): a hybrid's LLM in tests."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from pixelray.generators.pixelray import CHAT_TEMPLATE
+
+    tok = _train_tokenizer(["<|endoftext|>", "<|im_start|>", "<|im_end|>"], eos_token="<|im_end|>",
+                           pad_token="<|endoftext|>")
+    tok.chat_template = CHAT_TEMPLATE
+    config = Qwen2Config(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                         num_key_value_heads=1, vocab_size=len(tok), max_position_embeddings=2048,
+                         tie_word_embeddings=True, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(0)
+    return _save(Qwen2ForCausalLM(config), tok, out, tok.eos_token_id, tok.pad_token_id)

@@ -89,6 +89,9 @@ class StageConfig(Strict):
     warmup_steps: int = Field(0, ge=0)
     weight_decay: float = Field(0.0, ge=0)
     grad_clip: float = Field(1.0, ge=0)
+    # token: the mean over every reply token in the batch (long captions outweigh one-word answers);
+    # reply: each reply's mean first, then the mean over replies (a "yes" weighs as much as a caption)
+    loss: Literal["token", "reply"] = "token"
     log_every: int = Field(10, ge=1)
     checkpoint_every: int = Field(200, ge=1)
 

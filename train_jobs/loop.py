@@ -21,7 +21,7 @@ import torch.distributed as dist
 
 from train_jobs.config import StageConfig, TrainConfig
 from train_jobs.data import make_collator
-from train_jobs.model import apply_stage, export_model, load_model, param_groups, parameter_table
+from train_jobs.model import apply_stage, export_model, load_model, param_groups, parameter_table, reply_mean_loss
 
 CHECKPOINT_TAG = "deepspeed"
 
@@ -98,7 +98,11 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                 continue
             inputs = {k: v.to(device, dtype) if v.is_floating_point() else v.to(device)
                       for k, v in collate(batch).items()}
-            loss = engine(**inputs).loss
+            if stage.loss == "reply":
+                labels = inputs.pop("labels")
+                loss = reply_mean_loss(engine(**inputs).logits, labels)
+            else:
+                loss = engine(**inputs).loss
             engine.backward(loss)
             engine.step()
             losses.append(loss.detach().float())

@@ -3,6 +3,7 @@
     model, processing = load_model(cfg.model)                    # pixelray or hf family
     model = apply_stage(model, stage)                           # requires_grad per part, peft LoRA
     print(parameter_table(model))                               # trainable vs total, per part
+    loss = reply_mean_loss(logits, labels)                      # each reply weighs the same
     export_model(state_dict, cfg.model, stage, processing, out) # a folder `pixelray caption --model` loads
 
 Every VLM here has three parts, named by its modules: the vision tower, the projector (connector)
@@ -164,6 +165,20 @@ def parameter_table(model: nn.Module, title: str = "") -> str:
     trainable, total = (sum(c[i] for c in counts.values()) for i in (0, 1))
     lines.append(f"{'all':<16}{trainable:>14,}{total:>14,}  ({100 * trainable / max(total, 1):.2f}% trainable)")
     return "\n".join(lines)
+
+
+def reply_mean_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy averaged within each reply (a run of labelled tokens), then over
+    the batch's replies, so that every reply counts the same, however long."""
+    logits, labels = logits[:, :-1].float(), labels[:, 1:]
+    tokens = nn.functional.cross_entropy(logits.transpose(1, 2), labels, ignore_index=-100, reduction="none")
+    labelled = labels != -100
+    starts = labelled & ~nn.functional.pad(labelled[:, :-1], (1, 0), value=False)
+    reply = (starts.flatten().cumsum(0) - 1).view_as(labels)[labelled]  # each labelled token's reply
+    replies = int(starts.sum())
+    sums = tokens.new_zeros(replies).index_add_(0, reply, tokens[labelled])
+    counts = tokens.new_zeros(replies).index_add_(0, reply, torch.ones_like(tokens[labelled]))
+    return (sums / counts).mean()
 
 
 def export_model(state: dict[str, torch.Tensor], cfg: ModelConfig, source: str | None, stage: StageConfig,

@@ -1,6 +1,7 @@
 """Generator registry: vision-language models that turn images + prompts into text.
 
     gen = create_generator("smolvlm-256m")          # a registry name, hf:ID, a hub id or a directory
+    gen = create_generator("hybrid:clip?url=http://localhost:1234/v1")   # encoder + LM Studio (pixelray.hybrid)
     gen.generate(images, "Describe the image.", GenerationConfig(max_new_tokens=32))
     gen.chat(conversations, images_per_conversation)
 
@@ -38,6 +39,10 @@ REGISTRY: dict[str, dict[str, str]] = {
                           description="Qwen2.5-VL 3B instruct"),
     "paligemma-3b": dict(backend="hf", source="google/paligemma-3b-mix-224",
                          description="PaliGemma 3B mix 224 (prompts like 'caption en')"),
+    "qwen2.5-0.5b-instruct": dict(backend="text", source="Qwen/Qwen2.5-0.5B-Instruct",
+                                  description="text only: Qwen2.5 0.5B instruct (a hybrid's LLM, served by pixelray)"),
+    "hybrid": dict(backend="hybrid", source="clip?url=http://localhost:1234/v1",
+                   description="CLIP ViT-B/32 features summarised to text, captioned by LM Studio at localhost:1234"),
 }
 
 
@@ -45,17 +50,20 @@ class GeneratorSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str
-    backend: Literal["hf", "pixelray"]
+    backend: Literal["hf", "pixelray", "text", "hybrid"]
     source: str
     description: str = ""
 
 
 def resolve_generator(name: str) -> GeneratorSpec:
-    """A registry name, `hf:ID_OR_DIR`, `pixelray:DIR`, a local model directory (the pixelray
-    backend when its config says model_type "pixelray") or a hub id -> spec (nothing loaded)."""
+    """A registry name, `hf:ID_OR_DIR`, `pixelray:DIR`, `text:ID_OR_DIR` (a text-only LLM),
+    `hybrid[:ENCODER][?key=value&...]` (see pixelray.hybrid.HybridConfig.from_source), a local model
+    directory (pixelray, text or hf by its config's model_type) or a hub id -> spec (nothing loaded)."""
     if name in REGISTRY:
         return GeneratorSpec(name=name, **REGISTRY[name])
-    if name.startswith(("hf:", "pixelray:")):
+    if name.startswith(("hybrid:", "hybrid?")):
+        return GeneratorSpec(name=name, backend="hybrid", source=name[len("hybrid"):].removeprefix(":"))
+    if name.startswith(("hf:", "pixelray:", "text:")):
         backend, source = name.split(":", 1)
         return GeneratorSpec(name=name, backend=backend, source=source)
     path = Path(name).expanduser()
@@ -63,20 +71,38 @@ def resolve_generator(name: str) -> GeneratorSpec:
         if not (path / "config.json").is_file():
             raise ValueError(f"directory {path} has no config.json: not a transformers model folder")
         model_type = json.loads((path / "config.json").read_text()).get("model_type")
-        backend = "pixelray" if model_type == "pixelray" else "hf"
-        return GeneratorSpec(name=name, backend=backend, source=str(path.resolve()))
+        return GeneratorSpec(name=name, backend=_folder_backend(model_type), source=str(path.resolve()))
     if name.count("/") == 1 and not name.startswith(("/", ".")):
         return GeneratorSpec(name=name, backend="hf", source=name)
-    raise ValueError(f"unknown model {name!r}: use one of {', '.join(REGISTRY)}, hf:HUB_ID, a hub id "
-                     "(org/name) or a local model directory")
+    raise ValueError(f"unknown model {name!r}: use one of {', '.join(REGISTRY)}, hf:HUB_ID, text:HUB_ID, "
+                     "hybrid:ENCODER?url=URL, a hub id (org/name) or a local model directory")
+
+
+def _folder_backend(model_type: str | None) -> str:
+    """pixelray for the project's model, text for a causal LM without vision, hf for the rest."""
+    from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+                                                        MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES)
+
+    if model_type == "pixelray":
+        return "pixelray"
+    text_only = model_type in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and model_type not in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+    return "text" if text_only else "hf"
 
 
 def create_generator(name: str | GeneratorSpec, device: str = "auto", dtype: str = "auto",
                      quantization: str | None = None) -> Generator:
     spec = name if isinstance(name, GeneratorSpec) else resolve_generator(name)
+    if quantization and spec.backend not in ("hf", "text"):
+        raise ValueError(f"4/8-bit loading is for the hf and text backends, not {spec.backend}")
+    if spec.backend == "hybrid":
+        from pixelray.generators.hybrid import HybridGenerator
+
+        return HybridGenerator(spec.source, device=device, name=spec.name)
+    if spec.backend == "text":
+        from pixelray.generators.text import TextGenerator
+
+        return TextGenerator(spec.source, device=device, dtype=dtype, quantization=quantization, name=spec.name)
     if spec.backend == "pixelray":
-        if quantization:
-            raise ValueError("4/8-bit loading is for the hf backend; the pixelray model is small enough without")
         from pixelray.generators.pixelray import PixelRayGenerator
 
         return PixelRayGenerator(spec.source, device=device, dtype=dtype, name=spec.name)
@@ -86,7 +112,10 @@ def create_generator(name: str | GeneratorSpec, device: str = "auto", dtype: str
 
 
 def check_loadable(spec: GeneratorSpec) -> None:
-    """Fail now, before any image is read, if the model's config cannot be loaded (e.g. offline)."""
+    """Fail now, before any image is read, if the model's config cannot be loaded (e.g. offline).
+    For a hybrid: its settings and template, and a warning when its LLM server does not answer."""
+    if spec.backend == "hybrid":
+        return _check_hybrid(spec)
     from transformers import AutoConfig
 
     import pixelray.vlm  # noqa: F401  (registers model_type "pixelray" with AutoConfig)
@@ -98,6 +127,22 @@ def check_loadable(spec: GeneratorSpec) -> None:
         raise not_available(spec.source, e) from None
 
 
+def _check_hybrid(spec: GeneratorSpec) -> None:
+    import logging
+
+    from pixelray.encoders import resolve_encoder
+    from pixelray.hybrid import HybridConfig, PromptTemplate, check_lm_studio_available
+
+    config = HybridConfig.from_source(spec.source)
+    PromptTemplate(config.template)
+    if not Path(config.encoder).expanduser().exists():  # a folder or checkpoint is read by the actors
+        resolve_encoder(config.encoder)
+    if not check_lm_studio_available(config.llm):
+        logging.getLogger(__name__).warning(
+            "the LLM server at %s does not answer now: items it cannot answer are recorded as errors",
+            config.llm.base_url)
+
+
 def available_offline(source: str) -> bool:
     """Whether `from_pretrained(source)` can work without network: a folder, or in the HF cache."""
     if Path(source).expanduser().is_dir():
@@ -107,6 +152,9 @@ def available_offline(source: str) -> bool:
     return isinstance(try_to_load_from_cache(source, "config.json"), str)
 
 
-def list_generators() -> dict[str, tuple[str, str, bool]]:
-    """Registry name -> (description, source, available offline)."""
-    return {name: (e["description"], e["source"], available_offline(e["source"])) for name, e in REGISTRY.items()}
+def list_generators() -> dict[str, tuple[str, str, str]]:
+    """Registry name -> (description, source, where its weights are: offline, download, or server
+    for a hybrid, whose encoder is loaded here and whose LLM answers from its own server)."""
+    def where(e: dict[str, str]) -> str:
+        return "server" if e["backend"] == "hybrid" else "offline" if available_offline(e["source"]) else "download"
+    return {name: (e["description"], e["source"], where(e)) for name, e in REGISTRY.items()}

@@ -112,12 +112,24 @@ class Generator(ABC):
 
     name: str
     tokenizer: Any  # decodes the ids a `streamer` is given
+    waits_on_network = False  # True when generating mostly waits on another server (the hybrid)
 
     @abstractmethod
     def chat(self, conversations: list[list[Message]], images: list[list[Image.Image]],
              config: GenerationConfig = GenerationConfig(), streamer=None) -> list[GenerationResult]:
         """One reply per conversation, generated as one batch; `streamer` (a transformers
         BaseStreamer) is handed each step's new token ids, as `generate()` does."""
+
+    def chat_items(self, conversations: list[list[Message]], images: list[list[Image.Image]],
+                   config: GenerationConfig = GenerationConfig()) -> list[GenerationResult | Exception]:
+        """`chat`, with each conversation's failure as its own list item: the batch at once, and if
+        that fails, each conversation alone, so one bad item fails only itself."""
+        try:
+            return self.chat(conversations, images, config)
+        except Exception as e:
+            if len(conversations) == 1:
+                return [e]
+        return [self.chat_items([c], [ims], config)[0] for c, ims in zip(conversations, images)]
 
     def generate(self, images: list[Image.Image], prompts: list[str] | str,
                  config: GenerationConfig = GenerationConfig()) -> list[GenerationResult]:

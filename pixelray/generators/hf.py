@@ -25,19 +25,8 @@ class HFGenerator(Generator):
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
         self.name = name or source
-        self.device = resolve_device(device)
-        self.dtype = resolve_dtype(dtype, self.device)
-        kwargs: dict = {"dtype": self.dtype}
-        if quantization:
-            kwargs.update(quantization_kwargs(quantization, self.device))
-        try:
-            self.processor = AutoProcessor.from_pretrained(source)
-            self.model = AutoModelForImageTextToText.from_pretrained(source, **kwargs)
-        except Exception as e:
-            raise not_available(source, e) from None
-        if not quantization:
-            self.model.to(self.device)
-        self.model.eval()
+        self.model, self.processor, self.device, self.dtype = load_pretrained(
+            AutoModelForImageTextToText, AutoProcessor, source, device, dtype, quantization)
         self.tokenizer = self.processor.tokenizer
         self.tokenizer.padding_side = "left"
         self.family = self.model.config.model_type
@@ -64,6 +53,22 @@ class HFGenerator(Generator):
                                   **decoding_kwargs(config, self.pad_id, self.tokenizer))
         return [decode_result(row.tolist(), self.tokenizer, self.end_ids, self.pad_id, config, int(n))
                 for row, n in zip(out[:, inputs["input_ids"].shape[1]:], inputs["attention_mask"].sum(1))]
+
+
+def load_pretrained(model_class, processing_class, source: str, device: str, dtype: str, quantization: str | None):
+    """(model in eval mode on its device, processor or tokenizer, device, dtype) by from_pretrained;
+    a model loaded in 4/8 bits is placed by bitsandbytes."""
+    device = resolve_device(device)
+    dtype = resolve_dtype(dtype, device)
+    kwargs: dict = {"dtype": dtype, **(quantization_kwargs(quantization, device) if quantization else {})}
+    try:
+        processing = processing_class.from_pretrained(source)
+        model = model_class.from_pretrained(source, **kwargs)
+    except Exception as e:
+        raise not_available(source, e) from None
+    if not quantization:
+        model.to(device)
+    return model.eval(), processing, device, dtype
 
 
 def _last_user_text(conversation: list[Message]) -> str:

@@ -1,0 +1,47 @@
+"""The `text` backend: a text-only causal LM (Qwen2.5, Llama, ...) behind the generator interface.
+
+Served by the Serve app, it is the LLM half of a hybrid running inside pixelray itself: the hybrid
+model's `url` points at the app's own /v1. Conversations with images are refused (ValueError).
+"""
+
+from __future__ import annotations
+
+import torch
+from PIL import Image
+
+from pixelray.generators.base import (GenerationConfig, GenerationResult, Generator, Message, check_batch,
+                                     count_images, decode_result, decoding_kwargs, end_and_pad_ids)
+from pixelray.generators.hf import load_pretrained
+
+
+class TextGenerator(Generator):
+    def __init__(self, source: str, device: str = "auto", dtype: str = "auto", quantization: str | None = None,
+                 name: str | None = None):
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        self.name = name or source
+        self.model, self.tokenizer, self.device, self.dtype = load_pretrained(
+            AutoModelForCausalLM, AutoTokenizer, source, device, dtype, quantization)
+        if self.tokenizer.chat_template is None:
+            raise ValueError(f"{source}: the tokenizer has no chat template; use an instruct/chat model")
+        self.tokenizer.padding_side = "left"
+        self.end_ids, self.pad_id = end_and_pad_ids(self.model.generation_config, self.tokenizer)
+
+    def prompts(self, conversations: list[list[Message]]) -> list[str]:
+        """Chat-templated prompts; list contents (OpenAI text parts) are joined to plain strings."""
+        for i, c in enumerate(conversations):
+            if count_images(c):
+                raise ValueError(f"{self.name} is a text-only model; conversation {i} has images")
+        plain = [[{"role": m["role"], "content": m["content"] if isinstance(m["content"], str) else
+                   "".join(p.get("text", "") for p in m["content"])} for m in c] for c in conversations]
+        return [self.tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in plain]
+
+    @torch.inference_mode()
+    def chat(self, conversations: list[list[Message]], images: list[list[Image.Image]],
+             config: GenerationConfig = GenerationConfig(), streamer=None) -> list[GenerationResult]:
+        check_batch(conversations, images)
+        enc = self.tokenizer(self.prompts(conversations), padding=True, add_special_tokens=False,
+                             return_tensors="pt").to(self.device)
+        out = self.model.generate(**enc, streamer=streamer, **decoding_kwargs(config, self.pad_id, self.tokenizer))
+        return [decode_result(row.tolist(), self.tokenizer, self.end_ids, self.pad_id, config, int(n))
+                for row, n in zip(out[:, enc["input_ids"].shape[1]:], enc["attention_mask"].sum(1))]
