@@ -161,7 +161,7 @@ def run_caption(cfg: CaptionConfig) -> JobSummary:
                              key="item_id" if vqa else "image_id")
     rows_per_block = 4 * cfg.batch_size
     plan = start(source, cfg.out, address=cfg.address, num_actors=cfg.num_generators, device=cfg.device,
-                 rows_per_block=rows_per_block)
+                 rows_per_block=rows_per_block, mlx=spec.backend == "mlx")
     limits = ImageLimits(max_bytes=cfg.max_image_bytes, max_pixels=cfg.max_image_pixels)
 
     ds = read_images(source, done, rows_per_block=rows_per_block)

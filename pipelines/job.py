@@ -51,8 +51,8 @@ def open_store(out: str, table: str, manifest: dict[str, Any], *, resume: bool, 
 
 
 def start(source: Source, out: str, *, address: str | None, num_actors: int | None, device: str,
-          rows_per_block: int) -> PoolPlan:
-    """Join or start Ray, then size the model actor pool for this input."""
+          rows_per_block: int, mlx: bool = False) -> PoolPlan:
+    """Join or start Ray, then size the model actor pool for this input (on the MLX nodes for `mlx`)."""
     if source.skipped_files:
         print(f"note: ignored {source.skipped_files} non-image files", file=sys.stderr)
     init_ray(address)
@@ -61,7 +61,7 @@ def start(source: Source, out: str, *, address: str | None, num_actors: int | No
         print(f"note: {nodes} nodes write to {out}; it must be shared storage (NFS) on every node, "
               "or use a URI such as s3://bucket/path", file=sys.stderr)
     blocks = len(source) if source.kind != "files" else -(-len(source) // rows_per_block)
-    return plan_pool(num_actors, device, resources, nodes, max_useful=blocks)
+    return plan_pool(num_actors, device, resources, nodes, max_useful=blocks, mlx=mlx)
 
 
 def write(ds: ray.data.Dataset, store: Store, rows_per_file: int, *, job: str, verb: str,

@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import ray
 
 import pipelines
 import pixelray
+
+# The MLX node pool: Apple-silicon nodes join with the `mlx` resource and the pool label
+#   ray start --address=HEAD:6379 --resources='{"mlx": 1}' --labels='{"pixelray.io/pool": "mlx"}'
+# MLX actors and replicas ask for the resource; torch ones select nodes without the label.
+MLX_RESOURCE = "mlx"
+POOL_LABEL = "pixelray.io/pool"
+NOT_MLX = {POOL_LABEL: "!mlx"}
+NO_MLX_NODE = ("{what} runs on MLX nodes, and this Ray cluster has no MLX node (no `mlx` resource): join a Mac with "
+               """`ray start --address=HEAD:6379 --resources='{{"mlx": 1}}' --labels='{{"pixelray.io/pool": "mlx"}}'`""")
 
 
 def cluster_resources() -> tuple[dict[str, float], int]:
@@ -29,8 +39,16 @@ def init_ray(address: str | None = None) -> None:
         import train_jobs
 
         ray.init(address=address, runtime_env={"py_modules": [pixelray, pipelines, train_jobs]})
-    else:
-        ray.init()
+    else:  # a local instance: an MLX node of its own when mlx-vlm is installed here
+        ray.init(resources={MLX_RESOURCE: 1} if importlib.util.find_spec("mlx_vlm") else None)
+
+
+def mlx_units(resources: dict[str, float], what: str) -> float:
+    """The `mlx` units among a cluster's resources; none is an error now, not work that waits forever."""
+    units = resources.get(MLX_RESOURCE, 0.0)
+    if not units:
+        raise RuntimeError(NO_MLX_NODE.format(what=what))
+    return units
 
 
 @dataclass(frozen=True)
@@ -41,16 +59,21 @@ class PoolPlan:
     num_gpus: float
     num_cpus: float
     torch_threads: int  # 0: leave torch's default (GPU actors)
+    resources: dict[str, float] = field(default_factory=dict)  # {"mlx": ...} for MLX actors
+    label_selector: dict[str, str] = field(default_factory=lambda: dict(NOT_MLX))  # torch: not on MLX nodes
 
-    def remote_args(self) -> dict[str, float]:
-        return {"num_gpus": self.num_gpus, "num_cpus": self.num_cpus} if self.num_gpus else {
-            "num_cpus": self.num_cpus}
+    def remote_args(self) -> dict:
+        args = {"num_cpus": self.num_cpus, **({"num_gpus": self.num_gpus} if self.num_gpus else {})}
+        return {**args, **({"resources": self.resources} if self.resources else {}),
+                **({"label_selector": self.label_selector} if self.label_selector else {})}
 
 
 def plan_pool(num_actors: int | None, device: str, resources: dict[str, float], nodes: int = 1,
-              max_useful: int | None = None, cpus_per_actor: float = 0.5) -> PoolPlan:
+              max_useful: int | None = None, cpus_per_actor: float = 0.5, mlx: bool = False) -> PoolPlan:
     """GPUs present (and not forced to cpu): one actor per GPU. Never more actors than
     `max_useful` (the number of input blocks), since an idle actor still loads a model.
+
+    `mlx` (an MLX model): one actor per unit of the `mlx` resource, on the MLX nodes only.
 
     CPU only: actors reserve a fraction of a core each, so the decode tasks are never starved
     (a whole core per actor on a 2-core machine deadlocks the reads), and share the node's
@@ -60,6 +83,11 @@ def plan_pool(num_actors: int | None, device: str, resources: dict[str, float], 
     def capped(size: int) -> int:
         return max(1, min(size, max_useful)) if max_useful else size
 
+    if mlx:
+        units = mlx_units(resources, "an MLX model")
+        size = capped(num_actors or max(1, int(units)))
+        return PoolPlan(size=size, num_gpus=0.0, num_cpus=cpus_per_actor, torch_threads=0,
+                        resources={MLX_RESOURCE: min(1.0, units / size)}, label_selector={})
     gpus = int(resources.get("GPU", 0))
     if gpus and device in ("auto", "cuda"):
         size = capped(num_actors or gpus)

@@ -19,9 +19,11 @@ import os
 import re
 from typing import Literal
 
+import ray
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from ray.serve import Application
 
+from pipelines.runtime import MLX_RESOURCE, NOT_MLX, mlx_units
 from pixelray.generators import resolve_generator
 from serve_apps.ingress import Ingress, IngressSettings
 from serve_apps.model import VLMModel
@@ -40,6 +42,7 @@ class ModelArgs(Strict):
     dtype: Literal["auto", "fp32", "fp16", "bf16"] = "auto"
     num_cpus: float = Field(1.0, ge=0)
     num_gpus: float = Field(0.0, ge=0)  # 1 (or a fraction) on GPU nodes
+    mlx_units: float = Field(1.0, gt=0)  # an MLX model's replica: its share of an MLX node's `mlx` resource
     min_replicas: int = Field(1, ge=0)
     max_replicas: int = Field(1, ge=1)
     target_ongoing_requests: float = Field(8.0, gt=0)  # per replica: above it, autoscaling adds replicas
@@ -103,10 +106,13 @@ def model_deployment(m: ModelArgs) -> Application:
     autoscaling = {"min_replicas": m.min_replicas, "max_replicas": m.max_replicas,
                    "initial_replicas": max(m.min_replicas, 1), "target_ongoing_requests": m.target_ongoing_requests,
                    "upscale_delay_s": m.upscale_delay_s, "downscale_delay_s": m.downscale_delay_s}
+    # an MLX model's replicas run on the MLX nodes only (the `mlx` resource); the others never do
+    placement = ({"resources": {MLX_RESOURCE: m.mlx_units}} if resolve_generator(m.source or m.name).backend == "mlx"
+                 else {"label_selector": NOT_MLX})
     return VLMModel.options(
         name=deployment_name(m.name), autoscaling_config=autoscaling,
         max_ongoing_requests=m.max_ongoing_requests, max_queued_requests=m.max_queued_requests,
-        ray_actor_options={"num_cpus": m.num_cpus, "num_gpus": m.num_gpus},
+        ray_actor_options={"num_cpus": m.num_cpus, "num_gpus": m.num_gpus, **placement},
     ).bind(m.source or m.name, device=m.device, dtype=m.dtype, max_batch_size=m.max_batch_size,
            batch_wait_timeout_s=m.batch_wait_timeout_s)
 
@@ -121,6 +127,9 @@ def build_app(args: AppArgs) -> Application:
         max_new_tokens={m.name: m.max_new_tokens for m in args.models}, chat_max_turns=args.chat_max_turns,
         chat_max_conversations=args.chat_max_conversations, chat_ttl_s=args.chat_ttl_s,
         hybrid_models=[m.name for m in args.models if resolve_generator(m.source or m.name).backend == "hybrid"])
+    mlx = [m.name for m in args.models if resolve_generator(m.source or m.name).backend == "mlx"]
+    if mlx and ray.is_initialized():  # (serve run connects first) no MLX node: say so, do not wait forever
+        mlx_units(ray.cluster_resources(), f"model {mlx[0]}")
     models = {m.name: model_deployment(m) for m in args.models}
     # one ingress replica: /chat keeps its conversations in the ingress's memory
     return Ingress.options(ray_actor_options={"num_cpus": args.ingress_num_cpus},

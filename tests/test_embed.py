@@ -152,6 +152,14 @@ def test_pool_plan_requests_gpus_when_present():
     assert plan_pool(None, "cpu", {"CPU": 8, "GPU": 1}).num_gpus == 0
     with pytest.raises(RuntimeError, match="no GPUs"):
         plan_pool(None, "cuda", {"CPU": 2})
+    # torch actors stay off the MLX node pool; MLX actors go only there, one per `mlx` unit
+    assert cpu.remote_args()["label_selector"] == {"pixelray.io/pool": "!mlx"}
+    mlx = plan_pool(None, "auto", {"CPU": 16, "GPU": 2, "mlx": 2}, nodes=3, mlx=True)
+    assert (mlx.size, mlx.num_gpus, mlx.remote_args()["resources"]) == (2, 0.0, {"mlx": 1.0})
+    assert "label_selector" not in mlx.remote_args() and "num_gpus" not in mlx.remote_args()
+    assert plan_pool(4, "auto", {"CPU": 8, "mlx": 2}, mlx=True).resources == {"mlx": 0.5}
+    with pytest.raises(RuntimeError, match="no MLX node"):
+        plan_pool(None, "auto", {"CPU": 8, "GPU": 1}, mlx=True)
 
 
 def _session_processes(sid: int, workers_only: bool = False) -> list[psutil.Process]:

@@ -376,9 +376,9 @@ def test_mlx_vlm_server_and_a_server_killed_mid_batch(ray_address, tiny_clip, tm
 
     from image_files import write_folder
     from pipelines.caption import CaptionConfig, run_caption
-    from tiny_mlx import save_tiny_mlx_qwen2_vl
+    from tiny_mlx import save_in_subprocess
 
-    model = save_tiny_mlx_qwen2_vl(tmp_path / "mlx-model")
+    model = save_in_subprocess(tmp_path / "mlx-model")
     port = _free_port()
     url = f"http://127.0.0.1:{port}/v1"
     log = tmp_path / "mlx-server.log"

@@ -385,6 +385,20 @@ def test_serve_run_arguments_are_typed():
 
 # --- the parts, without Ray ---------------------------------------------------------------------
 
+@pytest.mark.parametrize("config", sorted((ROOT / "serve_apps" / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_serve_configs_are_valid(config):
+    """Every shipped Serve config names build_app and gives it arguments AppArgs takes, every model resolvable."""
+    import yaml
+
+    from pixelray.generators import resolve_generator
+    from serve_apps.vlm import AppArgs
+
+    for app in yaml.safe_load(config.read_text())["applications"]:
+        assert app["import_path"] == "serve_apps.vlm:build_app"
+        args = AppArgs.model_validate(app.get("args", {}))
+        assert all(resolve_generator(m.source or m.name) for m in args.models)
+
+
 def test_conversation_store_bounds():
     from serve_apps.conversations import ConversationError, ConversationStore
 

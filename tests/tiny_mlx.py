@@ -2,6 +2,9 @@
 --model DIR`), built offline: a locally trained tokenizer, mlx-vlm's own model class for the weight
 names and layout, and every processor file present so nothing is looked up on the hub.
 
+Importing mlx_vlm replaces transformers' Qwen2-VL processor classes in that process (its own
+return mlx arrays), so tests build and run MLX models in processes of their own: `save_in_subprocess`.
+
 Qwen2-VL because mlx-vlm ships its own numpy image processor for it. (LLaVA in mlx-vlm 0.7.10 passes
 `padding=True` to transformers' CLIP image processor, which now refuses it: images fail.) Images are
 resized to 56x56: 16 patches of 14 px, merged 2x2 into 4 image tokens.
@@ -10,6 +13,8 @@ resized to 56x56: 16 patches of 14 px, merged 2x2 into 4 image tokens.
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 from tiny_vlms import _train_tokenizer
@@ -75,3 +80,13 @@ def save_tiny_mlx_qwen2_vl(out: Path, seed: int = 0) -> Path:
                for k, v in tree_flatten(qwen2_vl.Model(model_config).parameters())}
     mx.save_safetensors(str(out / "model.safetensors"), weights, metadata={"format": "mlx"})
     return out
+
+
+def save_in_subprocess(out: Path) -> Path:
+    """`save_tiny_mlx_qwen2_vl` in a child process (keeps mlx_vlm out of the caller's)."""
+    subprocess.run([sys.executable, __file__, str(out)], check=True, cwd=Path(__file__).parent, timeout=300)
+    return out
+
+
+if __name__ == "__main__":
+    save_tiny_mlx_qwen2_vl(Path(sys.argv[1]))

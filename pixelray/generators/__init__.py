@@ -2,6 +2,7 @@
 
     gen = create_generator("smolvlm-256m")          # a registry name, hf:ID, a hub id or a directory
     gen = create_generator("hybrid:clip?url=http://localhost:1234/v1")   # encoder + LM Studio (pixelray.hybrid)
+    gen = create_generator("mlx:mlx-community/Qwen2-VL-2B-Instruct-4bit")  # mlx-vlm, on the MLX node pool
     gen.generate(images, "Describe the image.", GenerationConfig(max_new_tokens=32))
     gen.chat(conversations, images_per_conversation)
 
@@ -41,6 +42,12 @@ REGISTRY: dict[str, dict[str, str]] = {
                          description="PaliGemma 3B mix 224 (prompts like 'caption en')"),
     "qwen2.5-0.5b-instruct": dict(backend="text", source="Qwen/Qwen2.5-0.5B-Instruct",
                                   description="text only: Qwen2.5 0.5B instruct (a hybrid's LLM, served by pixelray)"),
+    "llava-1.6-mistral-7b-mlx": dict(backend="mlx", source="mlx-community/llava-v1.6-mistral-7b-4bit",
+                                     description="MLX (Apple silicon): LLaVA-NeXT Mistral 7B, 4-bit"),
+    "qwen2-vl-2b-mlx": dict(backend="mlx", source="mlx-community/Qwen2-VL-2B-Instruct-4bit",
+                            description="MLX (Apple silicon): Qwen2-VL 2B instruct, 4-bit"),
+    "smolvlm-mlx": dict(backend="mlx", source="mlx-community/SmolVLM-Instruct-4bit",
+                        description="MLX (Apple silicon): SmolVLM 2B instruct, 4-bit"),
     "hybrid": dict(backend="hybrid", source="clip?url=http://localhost:1234/v1",
                    description="CLIP ViT-B/32 features summarised to text, captioned by LM Studio at localhost:1234"),
 }
@@ -50,20 +57,20 @@ class GeneratorSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str
-    backend: Literal["hf", "pixelray", "text", "hybrid"]
+    backend: Literal["hf", "pixelray", "text", "hybrid", "mlx"]
     source: str
     description: str = ""
 
 
 def resolve_generator(name: str) -> GeneratorSpec:
-    """A registry name, `hf:ID_OR_DIR`, `pixelray:DIR`, `text:ID_OR_DIR` (a text-only LLM),
+    """A registry name, `hf:ID_OR_DIR`, `pixelray:DIR`, `text:ID_OR_DIR` (a text-only LLM), `mlx:ID_OR_DIR`,
     `hybrid[:ENCODER][?key=value&...]` (see pixelray.hybrid.HybridConfig.from_source), a local model
     directory (pixelray, text or hf by its config's model_type) or a hub id -> spec (nothing loaded)."""
     if name in REGISTRY:
         return GeneratorSpec(name=name, **REGISTRY[name])
     if name.startswith(("hybrid:", "hybrid?")):
         return GeneratorSpec(name=name, backend="hybrid", source=name[len("hybrid"):].removeprefix(":"))
-    if name.startswith(("hf:", "pixelray:", "text:")):
+    if name.startswith(("hf:", "pixelray:", "text:", "mlx:")):
         backend, source = name.split(":", 1)
         return GeneratorSpec(name=name, backend=backend, source=source)
     path = Path(name).expanduser()
@@ -75,7 +82,7 @@ def resolve_generator(name: str) -> GeneratorSpec:
     if name.count("/") == 1 and not name.startswith(("/", ".")):
         return GeneratorSpec(name=name, backend="hf", source=name)
     raise ValueError(f"unknown model {name!r}: use one of {', '.join(REGISTRY)}, hf:HUB_ID, text:HUB_ID, "
-                     "hybrid:ENCODER?url=URL, a hub id (org/name) or a local model directory")
+                     "mlx:HUB_ID, hybrid:ENCODER?url=URL, a hub id (org/name) or a local model directory")
 
 
 def _folder_backend(model_type: str | None) -> str:
@@ -93,7 +100,12 @@ def create_generator(name: str | GeneratorSpec, device: str = "auto", dtype: str
                      quantization: str | None = None) -> Generator:
     spec = name if isinstance(name, GeneratorSpec) else resolve_generator(name)
     if quantization and spec.backend not in ("hf", "text"):
-        raise ValueError(f"4/8-bit loading is for the hf and text backends, not {spec.backend}")
+        raise ValueError(f"4/8-bit loading is for the hf and text backends, not {spec.backend}"
+                         + (" (MLX models come quantized: pick a 4-bit one)" if spec.backend == "mlx" else ""))
+    if spec.backend == "mlx":
+        from pixelray.generators.mlx import MLXGenerator
+
+        return MLXGenerator(spec.source, device=device, name=spec.name)
     if spec.backend == "hybrid":
         from pixelray.generators.hybrid import HybridGenerator
 
@@ -116,6 +128,11 @@ def check_loadable(spec: GeneratorSpec) -> None:
     For a hybrid: its settings and template, and a warning when its LLM server does not answer."""
     if spec.backend == "hybrid":
         return _check_hybrid(spec)
+    if spec.backend == "mlx":  # loaded (and downloaded) on the MLX nodes; a local folder must be a model
+        folder = Path(spec.source.partition("?")[0]).expanduser()
+        if folder.is_dir() and not (folder / "config.json").is_file():
+            raise ValueError(f"{folder} has no config.json: not an mlx-vlm model folder")
+        return None
     from transformers import AutoConfig
 
     import pixelray.vlm  # noqa: F401  (registers model_type "pixelray" with AutoConfig)
