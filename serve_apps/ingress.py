@@ -64,6 +64,12 @@ def _describe(errors: list[dict]) -> str:
                      for err in errors)
 
 
+def _caption_body(model: str, result: GenerationResult) -> dict:
+    """The answer of /caption and /hybrid."""
+    return {"model": model, "caption": result.text, "finish_reason": result.finish_reason,
+            "num_tokens": result.num_tokens}
+
+
 def _event(payload: dict) -> str:
     return f"data: {json.dumps(payload)}\n\n"
 
@@ -233,8 +239,7 @@ class Ingress:
     @app.post("/caption")
     async def caption(self, request: Request) -> dict:
         _, name, result = await self._ask(request, CaptionForm, "prompt")
-        return {"model": name, "caption": result.text, "finish_reason": result.finish_reason,
-                "num_tokens": result.num_tokens}
+        return _caption_body(name, result)
 
     @app.post("/question")
     async def question(self, request: Request) -> dict:
@@ -249,8 +254,7 @@ class Ingress:
             raise APIError(404, "no hybrid model is served here: add one, e.g. models=[{name: hybrid, source: "
                                 "'hybrid:clip?url=http://localhost:1234/v1'}]", "model_not_found")
         _, name, result = await self._ask(request, HybridForm, "prompt", self.settings.hybrid_models)
-        return {"model": name, "caption": result.text, "finish_reason": result.finish_reason,
-                "num_tokens": result.num_tokens}
+        return _caption_body(name, result)
 
     @app.post("/chat")
     async def chat(self, request: Request) -> dict:

@@ -17,6 +17,7 @@ model folders or hub ids (or, in a config file, a list of `ModelArgs`). The HTTP
 
 import os
 import re
+from functools import cached_property
 from typing import Literal
 
 import ray
@@ -53,6 +54,11 @@ class ModelArgs(Strict):
     max_batch_size: int = Field(8, ge=1)  # 1 turns dynamic batching off
     batch_wait_timeout_s: float = Field(0.01, ge=0)
     max_new_tokens: int = Field(512, ge=1)  # the most one request may ask for
+
+    @cached_property
+    def backend(self) -> str:
+        """hf, pixelray, text, hybrid or mlx (resolved once: a model folder's config is read)."""
+        return resolve_generator(self.source or self.name).backend
 
     @model_validator(mode="after")
     def _replicas(self) -> "ModelArgs":
@@ -107,8 +113,7 @@ def model_deployment(m: ModelArgs) -> Application:
                    "initial_replicas": max(m.min_replicas, 1), "target_ongoing_requests": m.target_ongoing_requests,
                    "upscale_delay_s": m.upscale_delay_s, "downscale_delay_s": m.downscale_delay_s}
     # an MLX model's replicas run on the MLX nodes only (the `mlx` resource); the others never do
-    placement = ({"resources": {MLX_RESOURCE: m.mlx_units}} if resolve_generator(m.source or m.name).backend == "mlx"
-                 else {"label_selector": NOT_MLX})
+    placement = {"resources": {MLX_RESOURCE: m.mlx_units}} if m.backend == "mlx" else {"label_selector": NOT_MLX}
     return VLMModel.options(
         name=deployment_name(m.name), autoscaling_config=autoscaling,
         max_ongoing_requests=m.max_ongoing_requests, max_queued_requests=m.max_queued_requests,
@@ -126,8 +131,8 @@ def build_app(args: AppArgs) -> Application:
         max_images_per_request=args.max_images_per_request,
         max_new_tokens={m.name: m.max_new_tokens for m in args.models}, chat_max_turns=args.chat_max_turns,
         chat_max_conversations=args.chat_max_conversations, chat_ttl_s=args.chat_ttl_s,
-        hybrid_models=[m.name for m in args.models if resolve_generator(m.source or m.name).backend == "hybrid"])
-    mlx = [m.name for m in args.models if resolve_generator(m.source or m.name).backend == "mlx"]
+        hybrid_models=[m.name for m in args.models if m.backend == "hybrid"])
+    mlx = [m.name for m in args.models if m.backend == "mlx"]
     if mlx and ray.is_initialized():  # (serve run connects first) no MLX node: say so, do not wait forever
         mlx_units(ray.cluster_resources(), f"model {mlx[0]}")
     models = {m.name: model_deployment(m) for m in args.models}

@@ -50,8 +50,8 @@ class MLXGenerator(Generator):
         if unknown := set(limits) - {"max_image_size", "min_image_size"}:
             raise ValueError(f"mlx model {source!r}: unknown settings {sorted(unknown)}; known: max_image_size, "
                              "min_image_size")
-        max_image_size, min_image_size = limits.get("max_image_size", max_image_size), limits.get("min_image_size",
-                                                                                                 min_image_size)
+        max_image_size = limits.get("max_image_size", max_image_size)
+        min_image_size = limits.get("min_image_size", min_image_size)
         if not 1 <= min_image_size <= max_image_size:
             raise ValueError(f"image size limits must be 1 <= min ({min_image_size}) <= max ({max_image_size})")
         local = Path(source).expanduser()
