@@ -30,12 +30,15 @@ def init_ray(address: str | None = None) -> None:
     """Join the cluster at `address` (or RAY_ADDRESS), else start a local Ray instance.
 
     When joining an existing cluster the project's own packages travel with the job
-    (runtime_env py_modules), so workers run the same code as the driver.
+    (runtime_env py_modules), so workers run the same code as the driver; a job submitted to
+    the cluster (`pixelray submit`, a RayJob) already has its code there, in its own runtime_env.
     """
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
-    if address:
+    if address and os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):  # set by Ray's job supervisor
+        ray.init(address=address)
+    elif address:
         import train_jobs
 
         ray.init(address=address, runtime_env={"py_modules": [pixelray, pipelines, train_jobs]})

@@ -8,6 +8,8 @@ Run as:
     pixelray shapes --out DIR --num N [--seed S]
     pixelray serve [--config FILE] [--address ADDR] [key=value ...]
     pixelray models
+    pixelray submit {embed|caption|train|eval} ARGS... --address http://HEAD:8265 [--no-wait]
+    pixelray jobs {list | logs JOB [--follow] | stop JOB} --address http://HEAD:8265
 """
 
 from __future__ import annotations
@@ -206,7 +208,9 @@ def _run_models(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
+    from cluster.submit import add_parsers
+
     parser = argparse.ArgumentParser(prog="pixelray", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     _embed_parser(sub)
@@ -216,9 +220,17 @@ def main(argv: list[str] | None = None) -> int:
     _shapes_parser(sub)
     _serve_parser(sub)
     sub.add_parser("models", help="list the models the registry knows, and which are available offline")
-    args = parser.parse_args(argv)
+    add_parsers(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    from cluster.submit import run_jobs, run_submit
+
+    args = build_parser().parse_args(argv)
     handlers = {"embed": _run_embed, "caption": _run_caption, "train": _run_train, "eval": _run_eval,
-                "shapes": _run_shapes, "serve": _run_serve, "models": _run_models}
+                "shapes": _run_shapes, "serve": _run_serve, "models": _run_models, "submit": run_submit,
+                "jobs": run_jobs}
     try:
         return handlers[args.command](args)
     except (ValueError, FileExistsError, ModelNotAvailableError) as e:
