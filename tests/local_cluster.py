@@ -63,8 +63,10 @@ class LocalCluster:
         self._start("head", "--head", "--port", str(self.gcs_port), "--num-cpus", "0",
                     "--dashboard-host", "127.0.0.1", "--dashboard-port", str(self.dashboard_port),
                     "--ray-client-server-port", str(free_port()), "--temp-dir", str(self.dir))
+        # a temp dir of its own: two nodes on one machine sharing one would share (and delete) each
+        # other's runtime_env working dirs, the job driver's current directory among them
         self._start("worker", "--address", f"127.0.0.1:{self.gcs_port}", "--num-cpus", str(self.worker_cpus),
-                    "--temp-dir", str(self.dir))
+                    "--temp-dir", str(self.dir / "w"))
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
             if any(p.poll() is not None for p in self.procs):

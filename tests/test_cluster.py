@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -128,13 +129,22 @@ def test_train_job_and_stopping_one(cluster, tmp_path):
     assert list(summary["stages"]) == ["stage1", "stage2"] and summary["stages"]["stage2"]["steps"] == 4
     assert (tmp_path / "train" / "stage2" / "model" / "config.json").exists()
 
-    # a long run, detached, then stopped
-    proc = submit(cluster, "train", *common, f"output_dir={tmp_path / 'long'}", "stages.1.max_steps=100000",
-                  "--no-wait", timeout=60)
-    job_id = submitted_id(proc)
-    deadline = time.monotonic() + 120
-    while job_status(cluster, job_id) != "RUNNING" and time.monotonic() < deadline:
-        time.sleep(1)
+    # a long run: Ctrl-C stops following it, not the job; `pixelray jobs stop` stops it
+    follower = subprocess.Popen(
+        [sys.executable, "-m", "pixelray.cli", "submit", "train", *common, f"output_dir={tmp_path / 'long'}",
+         "stages.1.max_steps=100000", "--no-pip", "--address", cluster.address],
+        cwd=PROJECT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        job_id = re.search(r"submitted (pixelray-\S+):", follower.stdout.readline()).group(1)
+        deadline = time.monotonic() + 120
+        while job_status(cluster, job_id) != "RUNNING" and time.monotonic() < deadline:
+            time.sleep(1)
+        follower.send_signal(signal.SIGINT)
+        _, err = follower.communicate(timeout=60)
+    finally:
+        follower.kill()
+    assert follower.returncode == 130 and f"{job_id} goes on" in err, err[-2000:]
+    assert job_status(cluster, job_id) == "RUNNING"
     stop = pixelray("jobs", "stop", job_id, "--address", cluster.address, timeout=120)
     assert stop.returncode == 0 and f"{job_id}: STOPPED" in stop.stdout, stop.stdout + stop.stderr
     assert job_status(cluster, job_id) == "STOPPED"
