@@ -238,6 +238,24 @@ def split_submit_options(argv: list[str]) -> tuple[dict, list[str]]:
     return options, rest
 
 
+def _clear_errors(run):
+    """The SDK's failures (no dashboard at the address, an unknown job id) as `pixelray ...: error:` lines."""
+    import functools
+
+    @functools.wraps(run)
+    def wrapped(args: argparse.Namespace) -> int:
+        try:
+            return run(args)
+        except ConnectionError as e:
+            raise ValueError(f"{e} (--address is the dashboard's: http://HEAD:8265)") from e
+        except RuntimeError as e:
+            if not str(e).startswith("Request failed"):
+                raise
+            raise ValueError(str(e)) from e
+    return wrapped
+
+
+@_clear_errors
 def run_submit(args: argparse.Namespace) -> int:
     options, argv = split_submit_options(args.arguments)
     option = lambda name: options.get(name) or getattr(args, name)  # noqa: E731
@@ -245,6 +263,7 @@ def run_submit(args: argparse.Namespace) -> int:
                   pip=not option("no_pip"), wait=not option("no_wait"))
 
 
+@_clear_errors
 def run_jobs(args: argparse.Namespace) -> int:
     if args.action == "list":
         return list_jobs(args.address)

@@ -46,10 +46,12 @@ class LocalCluster:
         ports = {f"--{p}": str(free_port()) for p in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
                                                       "metrics-export-port", "runtime-env-agent-port")}
         log = open(self.dir / f"{name}.log", "w")
+        # as started from an activated virtualenv: a job's `python` is this environment's
+        env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
         self.procs.append(subprocess.Popen(
             [RAY, "start", "--block", "--node-ip-address", "127.0.0.1", "--disable-usage-stats",
              *[x for kv in ports.items() for x in kv], *args],
-            stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+            stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env))
 
     def api(self, path: str):
         with urllib.request.urlopen(self.address + path, timeout=5) as r:

@@ -115,6 +115,8 @@ def test_a_failing_job_returns_its_status_and_logs(cluster, tmp_path):
     logs = pixelray("jobs", "logs", job_id, "--address", cluster.address, timeout=60)
     assert logs.returncode == 0 and "pixelray caption: error:" in logs.stdout and "no-such-model" in logs.stdout
     assert job_status(cluster, job_id) == "FAILED"
+    unknown = pixelray("jobs", "logs", "pixelray-no-such-job", "--address", cluster.address, timeout=60)
+    assert unknown.returncode == 2 and "pixelray jobs: error:" in unknown.stderr and "does not exist" in unknown.stderr
 
 
 @pytest.mark.slow
@@ -174,6 +176,8 @@ def test_submit_checks_the_command_before_uploading(tmp_path):
         {"address": "http://h:8265", "no_wait": True, "runtime_env": "e"}, ["x", "--out", "/o"])
     bad = pixelray("submit", "embed", "examples/shapes", "--out", "rel", "--address", "http://127.0.0.1:9", timeout=60)
     assert bad.returncode == 2 and "pixelray submit: error: --out 'rel'" in bad.stderr
+    nobody = pixelray("jobs", "list", "--address", "http://127.0.0.1:9", timeout=60)
+    assert nobody.returncode == 2 and "Failed to connect to Ray at address: http://127.0.0.1:9" in nobody.stderr
 
 
 def test_runtime_env_ships_the_project_and_its_requirements():

@@ -357,8 +357,16 @@ def test_pixelray_serve_subprocess(tmp_path):
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         log.close()
-    with pytest.raises(requests.ConnectionError):
+    # the proxy is a Ray worker process: it may outlive `pixelray serve` by a moment, not for good
+    wait_until(lambda: not port_open(port), 30, "the stopped server's port to close")
+
+
+def port_open(port: int) -> bool:
+    try:
         requests.get(f"http://127.0.0.1:{port}/health", timeout=2)
+    except requests.ConnectionError:
+        return False
+    return True
 
 
 def test_serve_run_arguments_are_typed():
