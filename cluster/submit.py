@@ -143,12 +143,20 @@ def follow(jobs, submission_id: str, out=sys.stdout) -> int:
             out.write(lines)
             out.flush()
 
+    # a plain loop, not asyncio.run: Ctrl-C must raise here at once, not cancel a task that aiohttp's
+    # websocket receive can outlive
+    loop = asyncio.new_event_loop()
+    task = loop.create_task(tail())
     try:
-        asyncio.run(tail())
+        loop.run_until_complete(task)
     except KeyboardInterrupt:
+        task.cancel()
+        loop.run_until_complete(asyncio.wait([task], timeout=2))  # a moment for aiohttp to close its session
         print(f"\nstopped following; {submission_id} goes on (`pixelray jobs stop {submission_id}` stops it)",
               file=sys.stderr)
         return 130
+    finally:
+        loop.close()
     return exit_status(jobs, submission_id, out)
 
 
