@@ -135,7 +135,9 @@ def test_train_job_and_stopping_one(cluster, tmp_path):
     follower = subprocess.Popen(
         [sys.executable, "-m", "pixelray.cli", "submit", "train", *common, f"output_dir={tmp_path / 'long'}",
          "stages.1.max_steps=100000", "--no-pip", "--address", cluster.address],
-        cwd=PROJECT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        cwd=PROJECT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        # as in a terminal: a shell's background jobs (CI's, say) start with SIGINT ignored, and Python keeps that
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         job_id = re.search(r"submitted (pixelray-\S+):", follower.stdout.readline()).group(1)
         deadline = time.monotonic() + 120
