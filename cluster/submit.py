@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import secrets
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -121,14 +122,12 @@ def client(address: str | None):
 def submit(job: str, argv: list[str], address: str | None = None, env_file: str | None = None, pip: bool = True,
            wait: bool = True, out=sys.stdout) -> int:
     """Submit `pixelray JOB argv...`; with `wait`, follow its logs and return its exit status."""
-    import shlex
-
-    command = job_command(job, argv)
+    entrypoint = shlex.join(job_command(job, argv))
     jobs = client(address)
     submission_id = f"pixelray-{job}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
-    jobs.submit_job(entrypoint=shlex.join(command), runtime_env=runtime_env(env_file, pip),
+    jobs.submit_job(entrypoint=entrypoint, runtime_env=runtime_env(env_file, pip),
                     submission_id=submission_id, metadata={"pixelray_job": job})
-    print(f"submitted {submission_id}: {shlex.join(command)}", file=out, flush=True)
+    print(f"submitted {submission_id}: {entrypoint}", file=out, flush=True)
     if not wait:
         print(f"follow it with `pixelray jobs logs {submission_id} --follow`", file=out)
         return 0
