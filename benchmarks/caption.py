@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -27,12 +26,9 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
-
-from embed import make_images  # noqa: E402  (benchmarks/embed.py)
-from pixelray.generators import GenerationConfig, create_generator  # noqa: E402
-from tiny_vlms import save_tiny_llava  # noqa: E402
+from pixelray.generators import GenerationConfig, create_generator
+from pixelray.testing.images import make_images
+from pixelray.testing.tiny_vlms import save_tiny_llava
 
 PROMPT = "Describe the image."
 
@@ -55,7 +51,7 @@ def main() -> None:
 
     import ray
 
-    from pipelines.caption import CaptionConfig, run_caption
+    from pixelray.pipelines.caption import CaptionConfig, run_caption
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
@@ -80,7 +76,8 @@ def main() -> None:
 
         def caption(images_dir: Path, out: str):
             summary = run_caption(CaptionConfig(input=str(images_dir), out=str(work / out), model=str(model),
-                                                max_tokens=args.max_tokens, batch_size=args.batch_size))
+                                                generation={"max_new_tokens": args.max_tokens},
+                                                batch_size=args.batch_size))
             return summary, pq.read_table(work / out / "captions")["num_tokens"].to_numpy().sum()
 
         for name, subset in (("warm", paths[:8]), ("half", paths[: len(paths) // 2])):

@@ -19,36 +19,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from pixelray.encoders import create_encoder  # noqa: E402
-
-
-def make_images(folder: Path, n: int, size: int = 224) -> list[Path]:
-    """Smooth gradients with a little noise and a shape: JPEGs of realistic size (~10-20 KB)."""
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(0)
-    yy, xx = np.mgrid[0:size, 0:size] / size
-    paths = []
-    for i in range(n):
-        base = np.stack([xx * rng.uniform(50, 255), yy * rng.uniform(50, 255),
-                         (xx + yy) / 2 * rng.uniform(50, 255)], -1)
-        base += rng.normal(0, 6, base.shape)
-        x0, y0 = rng.integers(20, size - 80, 2)
-        base[y0:y0 + 60, x0:x0 + 60] = rng.uniform(0, 255, 3)
-        path = folder / f"{i:06d}.jpg"
-        Image.fromarray(base.clip(0, 255).astype(np.uint8)).save(path, quality=90)
-        paths.append(path)
-    return paths
+from pixelray.encoders import create_encoder
+from pixelray.testing.images import make_images
 
 
 def save_random_vit_b_32(folder: Path) -> Path:
@@ -94,7 +73,7 @@ def _sync(encoder) -> None:
 
 
 def pixelray_embed(model_dir: Path, images: Path | list[Path], out: Path, batch_size: int, device: str):
-    from pipelines.embed import EmbedConfig, run_embed
+    from pixelray.pipelines.embed import EmbedConfig, run_embed
 
     if isinstance(images, list):  # a list file: one path per line
         listing = out.parent / f"{out.name}.txt"

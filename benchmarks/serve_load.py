@@ -22,26 +22,19 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import socket
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
+from pixelray.testing import free_port
+
 ROOT = Path(__file__).resolve().parents[1]
-sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 IMAGES = sorted((ROOT / "examples" / "shapes" / "images").glob("*.png"))
 APP = "bench"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 async def drive(url: str, clients: int, seconds: float, max_tokens: int) -> dict:
@@ -83,7 +76,7 @@ async def drive(url: str, clients: int, seconds: float, max_tokens: int) -> dict
 def deploy(model: dict) -> None:
     from ray import serve
 
-    from serve_apps.vlm import build_app
+    from pixelray.serve_apps.vlm import build_app
 
     serve.run(build_app({"models": [model]}), name=APP, route_prefix="/", blocking=False)
 
@@ -91,7 +84,7 @@ def deploy(model: dict) -> None:
 def replicas(model_name: str) -> int:
     from ray import serve
 
-    from serve_apps.vlm import deployment_name
+    from pixelray.serve_apps.vlm import deployment_name
 
     states = serve.status().applications[APP].deployments[deployment_name(model_name)].replica_states
     return states.get("RUNNING", 0)
@@ -120,7 +113,7 @@ def main() -> None:
 
     source = args.model
     if args.model == "random-llava":
-        from tiny_vlms import save_tiny_llava
+        from pixelray.testing.tiny_vlms import save_tiny_llava
 
         source = str(save_tiny_llava(Path(tempfile.mkdtemp()) / "model", width=512, layers=6, image_size=56, patch=14))
     ray.init(include_dashboard=False, log_to_driver=False)

@@ -1,1 +1,2 @@
-"""Cluster configs and job submission (KubeRay, ray up; see the cluster issue)."""
+"""Running the jobs and apps on a cluster: `pixelray submit` and `pixelray jobs` (submit.py, on Ray's Job
+Submission SDK), KubeRay manifests, the ray-up config, the image and what ships with a job."""

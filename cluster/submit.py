@@ -24,9 +24,14 @@ import secrets
 import shlex
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import yaml
+
+from pixelray.errors import PixelrayError
+from pixelray.runtime import CHECKOUT_EXCLUDES
+from pixelray.train_jobs.config import load_config
 
 PROJECT = Path(__file__).resolve().parents[1]
 RUNTIME_ENV = Path(__file__).resolve().parent / "runtime_env.yaml"
@@ -45,10 +50,10 @@ def shipped_path(path: str, what: str, cwd: Path) -> str:
         return path
     local = (cwd / path).resolve()
     if not local.exists():
-        raise ValueError(f"{what} {path!r} does not exist here (a relative path must be inside the project, "
+        raise PixelrayError(f"{what} {path!r} does not exist here (a relative path must be inside the project, "
                          f"which ships with the job; use a URI or an absolute path on the cluster otherwise)")
     if not local.is_relative_to(PROJECT):
-        raise ValueError(f"{what} {path!r} is outside the project ({PROJECT}) and would not ship with the job: "
+        raise PixelrayError(f"{what} {path!r} is outside the project ({PROJECT}) and would not ship with the job: "
                          f"put it on storage the cluster reads (s3://..., a shared mount) and give that path")
     return str(local.relative_to(PROJECT))
 
@@ -58,22 +63,16 @@ def check_output(path: str, what: str, uri_ok: bool = True) -> None:
     if (uri_ok and _is_uri(path)) or (not _is_uri(path) and Path(path).is_absolute()):
         return
     where = "a URI (s3://, gs://, ...) or an absolute path" if uri_ok else "an absolute path"
-    raise ValueError(f"{what} {path!r} would be written inside the job's temporary copy of the project on the "
+    raise PixelrayError(f"{what} {path!r} would be written inside the job's temporary copy of the project on the "
                      f"cluster and lost: give {where} on storage every node writes to and you can read")
 
 
-def job_command(job: str, argv: list[str], cwd: Path | None = None) -> list[str]:
-    """Check a `pixelray JOB ...` command as the local CLI would, and return it as the cluster runs it:
+def job_command(job: str, argv: list[str], args: argparse.Namespace, cwd: Path | None = None) -> list[str]:
+    """A `pixelray JOB argv...` command (`args`: the command line's parse of it) as the cluster runs it:
     its paths made relative to the project root, its outputs checked to outlive the job."""
-    from pixelray.cli import build_parser
-
     cwd = cwd or Path.cwd()
     if job not in JOBS:
-        raise ValueError(f"pixelray submit runs one of {', '.join(JOBS)}, not {job!r}")
-    args = build_parser().parse_args([job, *argv])  # bad options end here, with the command's own usage
-    if getattr(args, "address", None):
-        raise ValueError("--address names the cluster for `pixelray submit`; give it once (the job itself "
-                         "joins the cluster it runs on)")
+        raise PixelrayError(f"pixelray submit runs one of {', '.join(JOBS)}, not {job!r}")
     argv, shipped = list(argv), {}
     for name, what in (("input", "INPUT"), ("questions", "--questions"), ("config", "--config"),
                        ("references", "--references"), ("predictions", "PREDICTIONS")):
@@ -84,8 +83,6 @@ def job_command(job: str, argv: list[str], cwd: Path | None = None) -> list[str]
     if job in ("embed", "caption", "eval") and getattr(args, "out", None):
         check_output(args.out, "--out", uri_ok=job != "eval")
     if job == "train":
-        from train_jobs.config import load_config
-
         cfg = load_config(PROJECT / shipped["config"], args.overrides)
         check_output(cfg.output_dir, "output_dir (set it with output_dir=/shared/path)", uri_ok=False)
     return ["python", "-m", "pixelray.cli", job, *argv]
@@ -101,11 +98,13 @@ def _replace_value(argv: list[str], value: str, new: str) -> list[str]:
 
 def runtime_env(path: str | Path | None = None, pip: bool = True) -> dict:
     """The runtime_env of a submitted job: cluster/runtime_env.yaml (or `path`), its working_dir and
-    requirements file resolved against the project root."""
+    requirements file resolved against the project root, and what a job does not need of the checkout
+    left out (pixelray.runtime.CHECKOUT_EXCLUDES, unless the file lists its own `excludes`)."""
     path = Path(path) if path else RUNTIME_ENV
     env = yaml.safe_load(path.read_text()) or {}
     if "working_dir" in env and not _is_uri(env["working_dir"]):
         env["working_dir"] = str((PROJECT / env["working_dir"]).resolve())
+        env.setdefault("excludes", CHECKOUT_EXCLUDES)
     if not pip:
         env.pop("pip", None)
     elif isinstance(env.get("pip"), str) and not _is_uri(env["pip"]):
@@ -119,10 +118,10 @@ def client(address: str | None):
     return JobSubmissionClient(address)
 
 
-def submit(job: str, argv: list[str], address: str | None = None, env_file: str | None = None, pip: bool = True,
-           wait: bool = True, out=sys.stdout) -> int:
-    """Submit `pixelray JOB argv...`; with `wait`, follow its logs and return its exit status."""
-    entrypoint = shlex.join(job_command(job, argv))
+def submit(job: str, argv: list[str], args: argparse.Namespace, address: str | None = None,
+           env_file: str | None = None, pip: bool = True, wait: bool = True, out=sys.stdout) -> int:
+    """Submit `pixelray JOB argv...` (`args`: its parse); with `wait`, follow its logs and return its exit status."""
+    entrypoint = shlex.join(job_command(job, argv, args, Path.cwd()))
     jobs = client(address)
     submission_id = f"pixelray-{job}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"
     jobs.submit_job(entrypoint=entrypoint, runtime_env=runtime_env(env_file, pip),
@@ -201,29 +200,6 @@ def stop(address: str | None, submission_id: str, timeout_s: float = 60, out=sys
     return 0 if status in FINISHED else 1
 
 
-def add_parsers(sub) -> None:
-    """`pixelray submit` and `pixelray jobs`."""
-    p = sub.add_parser("submit", help="run embed, caption, train or eval on a Ray cluster (Job Submission SDK)",
-                       description="Submit `pixelray JOB ...` to a Ray cluster with this project as its working "
-                                   "dir; follow its logs and exit with its status.",
-                       epilog="e.g. pixelray submit embed examples/shapes --out s3://bucket/features "
-                              "--address http://HEAD:8265")
-    p.add_argument("job", choices=JOBS)
-    p.add_argument("arguments", nargs=argparse.REMAINDER,
-                   help="the job's own arguments, as for `pixelray JOB`; the options below may come among them")
-    p.add_argument("--address", default=None, help="the dashboard's address, http://HEAD:8265 (default: RAY_ADDRESS)")
-    p.add_argument("--runtime-env", default=None, help=f"runtime_env YAML (default: {RUNTIME_ENV.relative_to(PROJECT)})")
-    p.add_argument("--no-wait", action="store_true", help="print the job's id and return; do not follow it")
-    p.add_argument("--no-pip", action="store_true",
-                   help="ship only the code: the cluster's Python already has the packages (the pixelray image, "
-                        "or a cluster started from this project's .venv)")
-    p = sub.add_parser("jobs", help="list the cluster's jobs, print a job's logs, or stop one")
-    p.add_argument("action", choices=("list", "logs", "stop"))
-    p.add_argument("job_id", nargs="?")
-    p.add_argument("--follow", action="store_true", help="logs: follow until the job ends")
-    p.add_argument("--address", default=None, help="the dashboard's address, http://HEAD:8265 (default: RAY_ADDRESS)")
-
-
 # Options of `pixelray submit` itself, taken out of the job's arguments wherever they appear.
 SUBMIT_OPTIONS = {"--address": True, "--runtime-env": True, "--no-wait": False, "--no-pip": False}
 
@@ -236,7 +212,7 @@ def split_submit_options(argv: list[str]) -> tuple[dict, list[str]]:
         if name in SUBMIT_OPTIONS:
             if SUBMIT_OPTIONS[name] and not eq:
                 if i + 1 == len(argv):
-                    raise ValueError(f"{name} needs a value")
+                    raise PixelrayError(f"{name} needs a value")
                 value, i = argv[i + 1], i + 1
             options[name.lstrip("-").replace("-", "_")] = value if SUBMIT_OPTIONS[name] else True
         else:
@@ -245,37 +221,14 @@ def split_submit_options(argv: list[str]) -> tuple[dict, list[str]]:
     return options, rest
 
 
-def _clear_errors(run):
-    """The SDK's failures (no dashboard at the address, an unknown job id) as `pixelray ...: error:` lines."""
-    import functools
-
-    @functools.wraps(run)
-    def wrapped(args: argparse.Namespace) -> int:
-        try:
-            return run(args)
-        except ConnectionError as e:
-            raise ValueError(f"{e} (--address is the dashboard's: http://HEAD:8265)") from e
-        except RuntimeError as e:
-            if not str(e).startswith("Request failed"):
-                raise
-            raise ValueError(str(e)) from e
-    return wrapped
-
-
-@_clear_errors
-def run_submit(args: argparse.Namespace) -> int:
-    options, argv = split_submit_options(args.arguments)
-    option = lambda name: options.get(name) or getattr(args, name)  # noqa: E731
-    return submit(args.job, argv, address=option("address"), env_file=option("runtime_env"),
-                  pip=not option("no_pip"), wait=not option("no_wait"))
-
-
-@_clear_errors
-def run_jobs(args: argparse.Namespace) -> int:
-    if args.action == "list":
-        return list_jobs(args.address)
-    if not args.job_id:
-        raise ValueError(f"pixelray jobs {args.action} needs a JOB id (see `pixelray jobs list`)")
-    if args.action == "logs":
-        return logs(args.address, args.job_id, args.follow)
-    return stop(args.address, args.job_id)
+@contextmanager
+def sdk_errors():
+    """The SDK's failures (no dashboard at the address, an unknown job id) as PixelrayError."""
+    try:
+        yield
+    except ConnectionError as e:
+        raise PixelrayError(f"{e} (--address is the dashboard's: http://HEAD:8265)") from e
+    except RuntimeError as e:
+        if not str(e).startswith("Request failed"):
+            raise
+        raise PixelrayError(str(e)) from e

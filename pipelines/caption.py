@@ -4,7 +4,7 @@ Run as:
     pixelray caption INPUT --out DIR [--model NAME] [--prompt TEXT] [--question TEXT | --questions FILE]
                      [--max-tokens N] [--batch-size N] [--resume]
 
-Same reading, validation, error table and resume rules as `pixelray embed` (pipelines.embed):
+Same reading, validation, error table and resume rules as `pixelray embed` (embed.py):
 CPU tasks read and decode, generator actors (one per GPU, or fractional-CPU actors) generate in
 batches, and DIR/captions/*.parquet gets one row per image (per image and question with
 --questions), DIR/errors/*.parquet one per bad item.
@@ -12,74 +12,19 @@ batches, and DIR/captions/*.parquet gets one row per image (per image and questi
 
 from __future__ import annotations
 
-import sys
-
 import numpy as np
 import pyarrow as pa
 import ray
 import torch
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-from pipelines.decode import decode_rows, error_columns
-from pipelines.job import JobSummary, open_store, start, write
-from pipelines.sources import read_images, resolve_input, resolve_questions
-from pixelray.generators import (GenerationConfig, GeneratorSpec, check_loadable, create_generator, resolve_generator,
-                                 user_turn)
-from pixelray.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, ImageLimits
-
-DEFAULT_PROMPT = "Describe the image."
-
-
-class CaptionConfig(BaseModel):
-    """Settings of one `pixelray caption` run."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    input: str | None = None  # images; with --questions the file names the images
-    out: str
-    model: str = "shapes-demo"
-    prompt: str = DEFAULT_PROMPT
-    question: str | None = None
-    questions: str | None = None
-    max_tokens: int = Field(64, ge=1, le=8192)
-    temperature: float = Field(0.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    seed: int | None = None
-    stop: list[str] = Field(default_factory=list)
-    batch_size: int = Field(8, ge=1)
-    resume: bool = False
-    overwrite: bool = False
-    device: str = "auto"
-    dtype: str = "auto"
-    quantization: str | None = None
-    num_generators: int | None = Field(None, ge=1)
-    rows_per_file: int = Field(1000, ge=1)
-    max_image_bytes: int = Field(DEFAULT_MAX_BYTES, ge=1)
-    max_image_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1)
-    max_side: int = Field(2048, ge=16)  # larger images are downscaled before they travel to the actors
-    decode_cpus: float = Field(1.0, gt=0)
-    address: str | None = None
-
-    @model_validator(mode="after")
-    def _one_source(self) -> "CaptionConfig":
-        if self.question and self.questions:
-            raise ValueError("give --question or --questions, not both")
-        if self.questions is None and self.input is None:
-            raise ValueError("INPUT is required unless --questions names the images")
-        return self
-
-    @property
-    def generation(self) -> GenerationConfig:
-        return GenerationConfig(max_new_tokens=self.max_tokens, temperature=self.temperature, top_p=self.top_p,
-                                seed=self.seed, stop=self.stop)
-
-    def manifest(self, spec: GeneratorSpec) -> dict:
-        """What must not change between a run and its resume."""
-        return {"job": "caption", "model": spec.name, "model_source": spec.source,
-                "prompt": None if self.questions or self.question else self.prompt, "question": self.question,
-                "vqa": bool(self.questions), "generation": self.generation.model_dump(),
-                "quantization": self.quantization}
+from pixelray.generators import (GenerationConfig, GeneratorSpec, check_loadable, create_generator,
+                                 resolve_generator, user_turn)
+from pixelray.images import ImageLimits
+from pixelray.pipelines.config import CaptionConfig
+from pixelray.pipelines.decode import decode_rows, error_columns
+from pixelray.pipelines.job import JobSummary, open_store, start, write
+from pixelray.pipelines.sources import read_images, resolve_input, resolve_questions
 
 
 def decode_for_generation(batch: dict[str, np.ndarray], limits: ImageLimits, max_side: int,
@@ -162,11 +107,10 @@ def run_caption(cfg: CaptionConfig) -> JobSummary:
     rows_per_block = 4 * cfg.batch_size
     plan = start(source, cfg.out, address=cfg.address, num_actors=cfg.num_generators, device=cfg.device,
                  rows_per_block=rows_per_block, mlx=spec.backend == "mlx")
-    limits = ImageLimits(max_bytes=cfg.max_image_bytes, max_pixels=cfg.max_image_pixels)
 
     ds = read_images(source, done, rows_per_block=rows_per_block)
     ds = ds.map_batches(decode_for_generation, batch_size=cfg.batch_size, batch_format="numpy",
-                        fn_kwargs={"limits": limits, "max_side": cfg.max_side, "prompt": cfg.prompt},
+                        fn_kwargs={"limits": cfg.limits, "max_side": cfg.max_side, "prompt": cfg.prompt},
                         num_cpus=cfg.decode_cpus)
     ds = ds.map_batches(
         CaptionActor, batch_size=cfg.batch_size, batch_format="numpy",
@@ -179,8 +123,3 @@ def run_caption(cfg: CaptionConfig) -> JobSummary:
     return write(ds, store, cfg.rows_per_file, job="caption", verb="answers" if vqa else "images captioned",
                  previously_stored=len(done), unit="items" if vqa else "images")
 
-
-if __name__ == "__main__":
-    from pixelray.cli import main
-
-    sys.exit(main(["caption", *sys.argv[1:]]))

@@ -48,7 +48,7 @@ def decode_rows(batch: dict[str, np.ndarray], limits: ImageLimits) -> Decoded:
         try:
             img = decode_image(data, limits)
         except ImageError as e:
-            out.fail(i, e.kind, str(e))
+            out.fail(i, e.code, e.message)
             continue
         out.width[i], out.height[i] = img.size
         out.images[i] = img

@@ -2,60 +2,29 @@
 
 Run as:
     pixelray embed INPUT --out DIR [--encoder NAME] [--batch-size N] [--patches] [--resume]
-    python -m pipelines.embed INPUT --out DIR ...
 
-The job reads image bytes (pipelines.sources), decodes, validates and
+The job reads image bytes (sources.py), decodes, validates and
 preprocesses them in CPU tasks, runs the encoder in an actor pool (one actor per
 GPU when there are GPUs, fractional-CPU actors otherwise) and writes
-DIR/features/*.parquet plus DIR/errors/*.parquet (pipelines.store).
+DIR/features/*.parquet plus DIR/errors/*.parquet (store.py).
 """
 
 from __future__ import annotations
 
 import functools
-import sys
 
 import numpy as np
 import pyarrow as pa
 import ray
 import torch
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field
 
-from pipelines.decode import decode_rows, error_columns
-from pipelines.job import JobSummary, open_store, start, write
-from pipelines.sources import read_images, resolve_input
 from pixelray.encoders import EncoderSpec, create_encoder, resolve_encoder
-from pixelray.images import DEFAULT_MAX_BYTES, DEFAULT_MAX_PIXELS, ImageLimits
-
-
-class EmbedConfig(BaseModel):
-    """Settings of one `pixelray embed` run."""
-
-    model_config = ConfigDict(extra="forbid")
-
-    input: str
-    out: str
-    encoder: str = "default"
-    batch_size: int = Field(32, ge=1)
-    patches: bool = False
-    normalize: bool = False
-    resume: bool = False
-    overwrite: bool = False
-    device: str = "auto"
-    dtype: str = "fp32"
-    num_encoders: int | None = Field(None, ge=1)
-    rows_per_file: int = Field(1000, ge=1)
-    max_image_bytes: int = Field(DEFAULT_MAX_BYTES, ge=1)
-    max_image_pixels: int = Field(DEFAULT_MAX_PIXELS, ge=1)
-    decode_cpus: float = Field(1.0, gt=0)  # differs from the actors' request, so Ray keeps the stages apart
-    address: str | None = None
-
-    def manifest(self, spec: EncoderSpec) -> dict:
-        """What must not change between a run and its resume."""
-        return {"job": "embed", "encoder": spec.name, "encoder_source": spec.source,
-                "pretrained": spec.pretrained, "patches": self.patches, "normalize": self.normalize,
-                "dtype": self.dtype}
+from pixelray.images import ImageLimits
+from pixelray.pipelines.config import EmbedConfig
+from pixelray.pipelines.decode import decode_rows, error_columns
+from pixelray.pipelines.job import JobSummary, open_store, start, write
+from pixelray.pipelines.sources import read_images, resolve_input
 
 
 # --- stage 1: decode, validate, preprocess (CPU tasks) -----------------------------------------
@@ -144,10 +113,9 @@ def run_embed(cfg: EmbedConfig) -> JobSummary:
     plan = start(source, cfg.out, address=cfg.address, num_actors=cfg.num_encoders, device=cfg.device,
                  rows_per_block=rows_per_block)
     spec_json = spec.model_dump_json()
-    limits = ImageLimits(max_bytes=cfg.max_image_bytes, max_pixels=cfg.max_image_pixels)
 
     ds = read_images(source, done, rows_per_block=rows_per_block)
-    ds = ds.map_batches(decode_batch, fn_kwargs={"spec_json": spec_json, "limits": limits},
+    ds = ds.map_batches(decode_batch, fn_kwargs={"spec_json": spec_json, "limits": cfg.limits},
                         batch_size=cfg.batch_size, batch_format="numpy", num_cpus=cfg.decode_cpus)
     ds = ds.map_batches(
         EmbedActor, batch_size=cfg.batch_size, batch_format="numpy",
@@ -158,8 +126,3 @@ def run_embed(cfg: EmbedConfig) -> JobSummary:
     )
     return write(ds, store, cfg.rows_per_file, job="embed", verb="images embedded", previously_stored=len(done))
 
-
-if __name__ == "__main__":
-    from pixelray.cli import main
-
-    sys.exit(main(["embed", *sys.argv[1:]]))

@@ -16,8 +16,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from pipelines.store import Store
 from pixelray.metrics import caption_scores, vqa_accuracy
+from pixelray.pipelines.store import Store
 from pixelray.shapes import HELD_OUT_SEED, caption_correct, write_dataset
 
 
@@ -77,7 +77,7 @@ def score(predictions: str | Path, references: str | Path) -> dict[str, Any]:
 def run_shapes_eval(num: int, model: str, out: str | Path, **caption_options) -> dict[str, Any]:
     """Generate `num` held-out shapes images, caption them and answer their questions with `model`,
     and score both. Writes OUT/data, OUT/captions, OUT/answers and OUT/scores.json."""
-    from pipelines.caption import CaptionConfig, run_caption
+    from pixelray.pipelines.caption import CaptionConfig, run_caption
 
     out = Path(out)
     data = write_dataset(out / "data", num, seed=HELD_OUT_SEED)

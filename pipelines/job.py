@@ -1,8 +1,8 @@
-"""What every batch job does around its own stages: open the store, size the pool, write, report."""
+"""What every batch job does around its own stages: open the store, size the model pool, write, summarise."""
 
 from __future__ import annotations
 
-import sys
+import logging
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -10,9 +10,11 @@ from typing import Any
 import numpy as np
 import ray
 
-from pipelines.runtime import PoolPlan, cluster_resources, init_ray, plan_pool
-from pipelines.sources import Source
-from pipelines.store import Store
+from pixelray.pipelines.sources import Source
+from pixelray.pipelines.store import Store
+from pixelray.runtime import PoolPlan, cluster_resources, init_ray, plan_pool
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -54,12 +56,12 @@ def start(source: Source, out: str, *, address: str | None, num_actors: int | No
           rows_per_block: int, mlx: bool = False) -> PoolPlan:
     """Join or start Ray, then size the model actor pool for this input (on the MLX nodes for `mlx`)."""
     if source.skipped_files:
-        print(f"note: ignored {source.skipped_files} non-image files", file=sys.stderr)
+        logger.warning("note: ignored %d non-image files", source.skipped_files)
     init_ray(address)
     resources, nodes = cluster_resources()
     if nodes > 1 and "://" not in out:
-        print(f"note: {nodes} nodes write to {out}; it must be shared storage (NFS) on every node, "
-              "or use a URI such as s3://bucket/path", file=sys.stderr)
+        logger.warning("note: %d nodes write to %s; it must be shared storage (NFS) on every node, or use a URI "
+                       "such as s3://bucket/path", nodes, out)
     blocks = len(source) if source.kind != "files" else -(-len(source) // rows_per_block)
     return plan_pool(num_actors, device, resources, nodes, max_useful=blocks, mlx=mlx)
 

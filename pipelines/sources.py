@@ -15,8 +15,8 @@ what is already stored.
 
 from __future__ import annotations
 
-import fnmatch
 import os
+import re
 import tarfile
 from dataclasses import dataclass
 from typing import Iterator, Literal
@@ -27,8 +27,10 @@ import pyarrow.fs as pafs
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
 import ray
+from fsspec.utils import glob_translate
 
 from pixelray.images import IMAGE_EXTENSIONS, image_id
+from pixelray.storage import split_uri
 
 LIST_EXTENSIONS = (".txt", ".lst", ".list")
 PARQUET_IMAGE_COLUMNS = ("image", "jpg", "jpeg", "png", "webp", "img", "image_bytes", "bytes")
@@ -50,29 +52,8 @@ class Source:
         return len(self.uris)
 
 
-def split_uri(uri: str) -> tuple[pafs.FileSystem, str, str]:
-    """(filesystem, path inside it, prefix that turns the path back into a URI)."""
-    if "://" not in uri:
-        return pafs.LocalFileSystem(), os.path.abspath(os.path.expanduser(uri)), ""
-    fs, path = pafs.FileSystem.from_uri(uri)
-    scheme = uri.split("://", 1)[0]
-    return fs, path, "" if scheme == "file" else f"{scheme}://"
-
-
 def _has_glob(path: str) -> bool:
     return any(c in path for c in "*?[")
-
-
-def _glob_match(path: str, pattern: str) -> bool:
-    """Shell-style match per path segment; `**` matches any number of segments."""
-    def match(p: list[str], q: list[str]) -> bool:
-        if not q:
-            return not p
-        if q[0] == "**":
-            return any(match(p[i:], q[1:]) for i in range(len(p) + 1))
-        return bool(p) and fnmatch.fnmatchcase(p[0], q[0]) and match(p[1:], q[1:])
-
-    return match(path.strip("/").split("/"), pattern.strip("/").split("/"))
 
 
 def _list_files(fs: pafs.FileSystem, base: str) -> list[str]:
@@ -97,7 +78,8 @@ def resolve_input(uri: str) -> Source:
         base = path[: path.rfind("/", 0, cut)] or "/"
         if fs.get_file_info(base).type != pafs.FileType.Directory:
             raise ValueError(f"input {uri!r}: {prefix}{base} is not a directory")
-        paths = [p for p in _list_files(fs, base) if _glob_match(p, path)]
+        pattern = re.compile(glob_translate(path))  # shell-style, `**` for any number of folders
+        paths = [p for p in _list_files(fs, base) if pattern.match(p)]
     else:
         info = fs.get_file_info(path)
         if info.type == pafs.FileType.NotFound:

@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 from ray.data import Datasink
 from ray.data.block import Block, BlockAccessor
 
-from pipelines.sources import split_uri
+from pixelray.storage import split_uri
 
 ERRORS = "errors"
 MANIFEST = "pixelray.json"

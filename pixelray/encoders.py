@@ -2,9 +2,10 @@
 
     spec = resolve_encoder("clip")              # or "dinov2-small", "default", a directory, a hub id
     encoder = create_encoder(spec, device="auto", normalize=True)
-    out = encoder.encode(encoder.preprocess(pil_images))
+    out = encoder(images)                       # PIL images, paths or URIs (or one of them)
     out.embedding  # [batch, dim]            pooled embedding
     out.patches    # [batch, num_patches, d] patch features
+    out = encoder.encode(encoder.preprocess(pil_images))   # the two steps, as the batch job runs them
 
 Names are data (`REGISTRY`); any name may also be a local directory (an open_clip
 folder with open_clip_config.json, or a transformers folder with config.json)
@@ -33,6 +34,7 @@ from pydantic import BaseModel, ConfigDict
 
 from pixelray.device import resolve_device, resolve_dtype
 from pixelray.hub import not_available
+from pixelray.images import ImageInput, as_image
 
 Backend = Literal["open_clip", "hf"]
 
@@ -242,8 +244,11 @@ class Encoder:
             patches = torch.nn.functional.normalize(patches.float(), dim=-1)
         return EncoderOutput(embedding=embedding, patches=patches)
 
-    def __call__(self, images: list[Image.Image]) -> EncoderOutput:
-        return self.encode(self.preprocess(images))
+    def __call__(self, images: ImageInput | list[ImageInput]) -> EncoderOutput:
+        """Images (or one image; paths and URIs are opened) -> pooled embeddings [batch, dim] and patch
+        features [batch, num_patches, patch_dim]."""
+        images = images if isinstance(images, list) else [images]
+        return self.encode(self.preprocess([as_image(im) for im in images]))
 
     def _forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         raise NotImplementedError

@@ -4,9 +4,10 @@
 the format is checked, the byte and pixel limits are enforced *before* any
 pixel is decoded (decompression bombs are refused from the header alone), EXIF
 orientation is applied and every mode is converted to RGB. Anything wrong
-raises `ImageError`, whose `kind` is a short machine-readable label and whose
-message says what was wrong with the file. Resizing and normalisation are not
-done here: they belong to each encoder's preprocessing.
+raises `ImageError`, whose `code` is a short machine-readable label (a batch
+job's `error_type`) and whose message says what was wrong with the file.
+Resizing and normalisation are not done here: they belong to each encoder's
+preprocessing. `open_image(path_or_uri)` reads a file and decodes it the same way.
 """
 
 from __future__ import annotations
@@ -15,9 +16,12 @@ import hashlib
 import io
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+
+from pixelray.errors import PixelrayError
 
 # Pillow's own bomb check raises at 2x MAX_IMAGE_PIXELS; ours runs first with a
 # configurable limit, so keep Pillow's as a backstop only.
@@ -27,24 +31,25 @@ SUPPORTED_FORMATS = frozenset({"JPEG", "MPO", "PNG", "WEBP", "GIF", "BMP", "TIFF
 IMAGE_EXTENSIONS = frozenset(
     {".jpg", ".jpeg", ".jpe", ".png", ".webp", ".gif", ".bmp", ".dib", ".tif", ".tiff"}
 )
-DEFAULT_MAX_BYTES = 32 * 1024 * 1024
-DEFAULT_MAX_PIXELS = 50_000_000  # about 7071 x 7071
+MiB = 1024 * 1024
 
 
 @dataclass(frozen=True)
 class ImageLimits:
     """Limits applied to every image before it is decoded."""
 
-    max_bytes: int = DEFAULT_MAX_BYTES
-    max_pixels: int = DEFAULT_MAX_PIXELS
+    max_bytes: int = 32 * MiB
+    max_pixels: int = 50_000_000  # about 7071 x 7071
 
 
-class ImageError(ValueError):
-    """A file that cannot be used as an image; `kind` labels the cause."""
+FILE_LIMITS = ImageLimits()  # batch jobs: image files and shard members
+# the Serve app: one uploaded image, within a request body of at most 25 MiB
+UPLOAD_LIMITS = ImageLimits(max_bytes=20 * MiB)
+MAX_REQUEST_BYTES = 25 * MiB
 
-    def __init__(self, kind: str, message: str):
-        super().__init__(message)
-        self.kind = kind
+
+class ImageError(PixelrayError):
+    """A file that cannot be used as an image; `code` labels the cause (empty, too_large, corrupt, ...)."""
 
 
 def image_id(source: str) -> str:
@@ -52,43 +57,37 @@ def image_id(source: str) -> str:
     return hashlib.blake2b(source.encode("utf-8"), digest_size=16).hexdigest()
 
 
-def decode_image(data: bytes, limits: ImageLimits = ImageLimits()) -> Image.Image:
+def decode_image(data: bytes, limits: ImageLimits = FILE_LIMITS) -> Image.Image:
     """Decode `data` into an RGB image with EXIF orientation applied, or raise ImageError."""
     if not data:
-        raise ImageError("empty", "empty file (0 bytes)")
+        raise ImageError("empty file (0 bytes)", code="empty")
     if len(data) > limits.max_bytes:
-        raise ImageError(
-            "too_large", f"file is {len(data):,} bytes, over the limit of {limits.max_bytes:,} bytes"
-        )
+        raise ImageError(f"file is {len(data):,} bytes, over the limit of {limits.max_bytes:,} bytes",
+                         status=413, code="too_large")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             img = Image.open(io.BytesIO(data))
     except Image.DecompressionBombError as e:
-        raise ImageError("decompression_bomb", f"refused before decoding: {e}") from None
+        raise ImageError(f"refused before decoding: {e}", code="decompression_bomb") from None
     except UnidentifiedImageError:
-        raise ImageError("not_an_image", "not a recognised image file (unknown format)") from None
+        raise ImageError("not a recognised image file (unknown format)", code="not_an_image") from None
     except Exception as e:  # Pillow raises a zoo of errors on malformed headers
-        raise ImageError("corrupt", f"cannot read the image header: {e}") from None
+        raise ImageError(f"cannot read the image header: {e}", code="corrupt") from None
 
     if img.format not in SUPPORTED_FORMATS:
-        raise ImageError(
-            "unsupported_format",
-            f"format {img.format} is not supported (use one of {', '.join(sorted(SUPPORTED_FORMATS))})",
-        )
+        raise ImageError(f"format {img.format} is not supported (use one of {', '.join(sorted(SUPPORTED_FORMATS))})",
+                         code="unsupported_format")
     width, height = img.size
     if width <= 0 or height <= 0:
-        raise ImageError("corrupt", f"invalid image size {width}x{height}")
+        raise ImageError(f"invalid image size {width}x{height}", code="corrupt")
     if width * height > limits.max_pixels:
-        raise ImageError(
-            "decompression_bomb",
-            f"{width}x{height} = {width * height:,} pixels, over the limit of "
-            f"{limits.max_pixels:,}; refused before decoding",
-        )
+        raise ImageError(f"{width}x{height} = {width * height:,} pixels, over the limit of {limits.max_pixels:,}; "
+                         "refused before decoding", code="decompression_bomb")
     try:
         img.load()  # the first frame of animated GIF/WebP/TIFF
     except Exception as e:
-        raise ImageError("corrupt", f"corrupt or truncated {img.format} data: {e}") from None
+        raise ImageError(f"corrupt or truncated {img.format} data: {e}", code="corrupt") from None
     try:
         img = ImageOps.exif_transpose(img)
     except Exception:
@@ -96,7 +95,26 @@ def decode_image(data: bytes, limits: ImageLimits = ImageLimits()) -> Image.Imag
     try:
         return to_rgb(img)
     except Exception as e:
-        raise ImageError("corrupt", f"cannot convert mode {img.mode} to RGB: {e}") from None
+        raise ImageError(f"cannot convert mode {img.mode} to RGB: {e}", code="corrupt") from None
+
+
+def open_image(path: str, limits: ImageLimits = FILE_LIMITS) -> Image.Image:
+    """Read an image file (a local path or a pyarrow filesystem URI: s3://, gs://, ...) and decode it
+    as `decode_image` does; a file that cannot be read is an ImageError too (code `unreadable`)."""
+    from pixelray.storage import read_bytes
+
+    try:
+        data = read_bytes(path, limit=limits.max_bytes + 1)
+    except OSError as e:
+        raise ImageError(f"cannot read {path}: {e}", code="unreadable") from None
+    return decode_image(data, limits)
+
+
+ImageInput = Image.Image | str | Path  # what the Python API takes: an image, or a path or URI to open
+
+
+def as_image(image: ImageInput) -> Image.Image:
+    return image if isinstance(image, Image.Image) else open_image(str(image))
 
 
 def to_rgb(img: Image.Image) -> Image.Image:

@@ -2,14 +2,14 @@
 its output is the `serveConfigV2` of cluster/kuberay/rayservice.yaml (a test keeps the two equal).
 
 Run as:
-    serve build serve_apps.cluster_app:app -o /tmp/serve_config.yaml
+    serve build pixelray.serve_apps.cluster_app:app -o /tmp/serve_config.yaml
 """
 
 from pathlib import Path
 
 import yaml
 
-from serve_apps.vlm import build_app
+from pixelray.serve_apps.vlm import build_app
 
 CONFIG = Path(__file__).parent / "configs" / "cluster.yaml"
 

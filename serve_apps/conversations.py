@@ -20,13 +20,8 @@ from dataclasses import dataclass, field
 
 from PIL import Image
 
+from pixelray.errors import PixelrayError
 from pixelray.generators import Message
-
-
-class ConversationError(Exception):
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
 
 
 @dataclass
@@ -63,12 +58,13 @@ class ConversationStore:
         if cid is None:
             cid, convo = uuid.uuid4().hex, Conversation()
         elif (convo := self._items.get(cid)) is None:
-            raise ConversationError(404, f"unknown or expired conversation_id {cid!r}: omit it to start a new one")
+            raise PixelrayError(f"unknown or expired conversation_id {cid!r}: omit it to start a new one", 404,
+                                "conversation")
         elif convo.busy:
-            raise ConversationError(409, f"conversation {cid} is still generating its previous reply")
+            raise PixelrayError(f"conversation {cid} is still generating its previous reply", 409, "conversation")
         elif convo.turns >= self.max_turns:
-            raise ConversationError(409, f"conversation {cid} reached its limit of {self.max_turns} turns: "
-                                         "start a new one")
+            raise PixelrayError(f"conversation {cid} reached its limit of {self.max_turns} turns: start a new one",
+                                409, "conversation")
         convo.busy = True
         return cid, convo
 

@@ -1,9 +1,8 @@
-"""Shared fixtures: one Ray instance per test session, tiny models, image folders."""
+"""Shared fixtures: one Ray instance per test session, tiny models (built by pixelray.testing), paths."""
 
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
 
 import pytest
@@ -14,11 +13,10 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")  # ray.train.report in ~0.1 s, not ~2 s
-sys.path.insert(0, str(Path(__file__).parent))
 
-from tiny_models import save_tiny_dinov2, save_tiny_open_clip  # noqa: E402
-from tiny_vlms import (save_tiny_llava, save_tiny_paligemma, save_tiny_pixelray, save_tiny_qwen2_vl,  # noqa: E402
-                       save_tiny_smolvlm)
+from pixelray.testing.tiny_encoders import save_tiny_dinov2, save_tiny_open_clip  # noqa: E402
+from pixelray.testing.tiny_vlms import (save_tiny_llava, save_tiny_paligemma, save_tiny_pixelray,  # noqa: E402
+                                        save_tiny_qwen2_vl, save_tiny_smolvlm, save_tiny_text_llm)
 
 VLM_BUILDERS = {"llava": save_tiny_llava, "qwen2_vl": save_tiny_qwen2_vl, "smolvlm": save_tiny_smolvlm,
                 "paligemma": save_tiny_paligemma, "pixelray": save_tiny_pixelray}
@@ -58,3 +56,50 @@ def tiny_vlm_dirs(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="session")
 def tiny_llava(tiny_vlm_dirs) -> Path:
     return tiny_vlm_dirs["llava"]
+
+
+@pytest.fixture(scope="session")
+def tiny_text_llm(tmp_path_factory) -> Path:
+    return save_tiny_text_llm(tmp_path_factory.mktemp("tiny-text-llm"))
+
+
+@pytest.fixture(scope="session")
+def tiny_mlx(tmp_path_factory) -> Path:
+    """A tiny mlx-vlm Qwen2-VL, built in a process of its own (mlx_vlm changes transformers' classes)."""
+    from pixelray.testing.tiny_mlx import save_in_subprocess
+
+    return save_in_subprocess(tmp_path_factory.mktemp("tiny-mlx"))
+
+
+@pytest.fixture(scope="module")
+def garbage_llm():
+    from pixelray.testing.llm_servers import FailingLLM
+
+    server = FailingLLM("no_choices")
+    yield server
+    server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def llm_app(ray_address, tiny_text_llm, tiny_clip, garbage_llm):
+    """One Serve app on 127.0.0.1: the tiny text LLM (`tiny-llm`), a hybrid whose LLM is that model
+    through the app's own /v1, and hybrids whose LLM server is down or answers garbage."""
+    from ray import serve
+
+    from pixelray.serve_apps.vlm import build_app
+    from pixelray.testing import free_port
+
+    port = free_port()
+    v1 = f"http://127.0.0.1:{port}/v1"
+    hybrid = f"hybrid:{tiny_clip}?url={v1}&model=tiny-llm&max_retries=1"
+    small = {"device": "cpu", "num_cpus": 0.1, "max_new_tokens": 16}
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app({"models": [
+        {"name": "tiny-llm", "source": str(tiny_text_llm), **small},
+        {"name": "hybrid", "source": hybrid, **small},
+        {"name": "hybrid-down", "source": f"hybrid:{tiny_clip}?url=http://127.0.0.1:{free_port()}/v1&model=m"
+                                          "&max_retries=1", **small},
+        {"name": "hybrid-garbage", "source": f"hybrid:{tiny_clip}?url={garbage_llm.url}&max_retries=1", **small},
+    ]}), name="hybrid", route_prefix="/")
+    yield {"url": f"http://127.0.0.1:{port}", "v1": v1, "hybrid": hybrid}
+    serve.shutdown()

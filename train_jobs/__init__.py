@@ -1,1 +1,2 @@
-"""Ray Train recipes: two-stage fine-tuning with DeepSpeed (see the training issue)."""
+"""Ray Train recipes: two-stage (projector, then full or LoRA) fine-tuning with DeepSpeed, and LoRA
+tuning of off-the-shelf VLMs; run.py drives the stages, loop.py is what each worker runs."""

@@ -2,8 +2,8 @@
 
     cfg = load_config("train_jobs/configs/shapes.yaml", ["stages.1.lr=3e-4", "scaling.num_workers=2"])
 
-Overrides use dotted paths; a number indexes a list (`stages.0.max_steps=10`); values are parsed as
-YAML (`true`, `1e-4`, `[a, b]`). Unknown keys are errors, here and in the YAML file.
+Overrides are OmegaConf's dotlist: dotted paths, a number indexing a list (`stages.0.max_steps=10`),
+values parsed as YAML (`true`, `1e-4`, `[a, b]`). Unknown keys are errors, here and in the YAML file.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, PositiveFloat, model_validator
+
+from pixelray.device import QuantizationName
 
 Part = Literal["vision", "projector", "language_model"]
 DEEPSPEED_DIR = Path(__file__).parent / "deepspeed"
@@ -37,7 +39,7 @@ class ModelConfig(Strict):
     vision_stem: list[int] | None = None  # a ConvStem's channels in place of the patch embedding (from scratch)
     text: str | dict[str, Any] | None = None
     tokenizer: str | None = None
-    quantization: Literal["4bit", "8bit"] | None = None  # hf family only; needs CUDA (bitsandbytes)
+    quantization: QuantizationName | None = None  # hf family only; needs CUDA (bitsandbytes)
 
     @model_validator(mode="after")
     def _source(self) -> ModelConfig:
@@ -168,33 +170,19 @@ class TrainConfig(Strict):
         return path if path.is_file() else DEEPSPEED_DIR / path
 
 
-def apply_override(tree: dict[str, Any], override: str) -> None:
-    """Set `a.b.0.c=value` in a nested dict/list tree (value parsed as YAML)."""
-    key, sep, raw = override.partition("=")
-    if not sep or not key:
-        raise ValueError(f"override {override!r} is not key=value")
-    *parents, last = key.split(".")
-    node: Any = tree
-    for part in parents:
-        if isinstance(node, list):
-            node = node[_index(part, node, key)]
-        else:
-            node = node.setdefault(part, {})
-    value = yaml.safe_load(raw)
-    if isinstance(node, list):
-        node[_index(last, node, key)] = value
-    else:
-        node[last] = value
-
-
-def _index(part: str, node: list, key: str) -> int:
-    if not part.isdigit() or int(part) >= len(node):
-        raise ValueError(f"override {key!r}: {part!r} is not an index of a list of {len(node)}")
-    return int(part)
-
-
 def load_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
-    tree = yaml.safe_load(Path(path).read_text()) or {}
+    """The YAML file at `path` with the `key.sub.0=value` overrides applied (OmegaConf's dotlist),
+    validated; a bad override is a ValueError that names it."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    tree = OmegaConf.create(yaml.safe_load(Path(path).read_text()) or {})
     for override in overrides:
-        apply_override(tree, override)
-    return TrainConfig.model_validate(tree)
+        key, sep, _ = override.partition("=")
+        if not sep or not key:
+            raise ValueError(f"override {override!r} is not key=value")
+        try:
+            tree.merge_with_dotlist([override])
+        except (OmegaConfBaseException, TypeError) as e:
+            raise ValueError(f"override {override!r} does not apply to {path}: {str(e).splitlines()[0]}") from None
+    return TrainConfig.model_validate(OmegaConf.to_container(tree))

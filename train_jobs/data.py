@@ -13,6 +13,7 @@ empty sample; a reply cut by `max_length` trains on what is left.
 
 from __future__ import annotations
 
+import logging
 import posixpath
 from pathlib import Path
 from typing import Any
@@ -21,9 +22,13 @@ import numpy as np
 import ray
 import torch
 
+from pixelray.generators import DEFAULT_PROMPT
+from pixelray.generators.families import family
 from pixelray.images import ImageError, decode_image
-from train_jobs.config import DataConfig
+from pixelray.storage import read_bytes
+from pixelray.train_jobs.config import DataConfig
 
+logger = logging.getLogger(__name__)
 IMAGE_TAG = "<image>"
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
@@ -65,7 +70,7 @@ def to_conversation(row: dict[str, Any], fmt: str, root: str) -> dict[str, Any]:
     else:
         if "text" not in row:
             raise ValueError(f"a simple-format record needs image, text (and prompt); got keys {sorted(row)}")
-        prompt = row.get("prompt") or "Describe the image."
+        prompt = row.get("prompt") or DEFAULT_PROMPT
         turns = [{"from": "human", "value": f"{IMAGE_TAG}\n{prompt}"}, {"from": "gpt", "value": row["text"]}]
     image = str(row["image"])
     if root and "://" not in image and not posixpath.isabs(image):
@@ -77,14 +82,10 @@ def read_image_bytes(batch):
     """Add a `data` column with each image file's bytes (None when it cannot be read)."""
     import pyarrow as pa
 
-    from pipelines.sources import split_uri
-
     data = []
     for uri in batch.column("image").to_pylist():
         try:
-            fs, path, _ = split_uri(uri)
-            with fs.open_input_file(path) as f:
-                data.append(f.read())
+            data.append(read_bytes(uri))
         except (OSError, ValueError):
             data.append(None)
     return batch.append_column("data", pa.array(data, pa.binary()))
@@ -175,11 +176,11 @@ class HFCollator:
     PaliGemma, which has no chat template, gets its processor's `suffix` labels."""
 
     def __init__(self, processor, model_type: str, max_length: int):
-        self.processor, self.model_type, self.max_length = processor, model_type, max_length
+        self.processor, self.family, self.max_length = processor, family(model_type), max_length
         self.processor.tokenizer.padding_side = "right"
 
     def _images(self, row) -> list:
-        return [[row["image"]]] if self.model_type in ("smolvlm", "idefics3") else [row["image"]]
+        return [[row["image"]]] if self.family.nested_images else [row["image"]]
 
     def _length(self, text: str, row) -> int:
         return len(self.processor(text=[text], images=self._images(row))["input_ids"][0])
@@ -187,7 +188,7 @@ class HFCollator:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
         rows = decoded_rows(batch)
         images = [im for r in rows for im in self._images(r)]
-        if self.model_type == "paligemma":
+        if not self.family.chat_template:  # PaliGemma: its processor makes the labels from `suffix`
             messages = [to_messages(list(r["conversations"])) for r in rows]
             prompts = [IMAGE_TAG + m[0]["content"][-1]["text"] for m in messages]
             answers = [m[1]["content"][-1]["text"] for m in messages]
@@ -211,18 +212,22 @@ class HFCollator:
 
 
 def decoded_rows(batch: dict[str, np.ndarray]) -> list[dict[str, Any]]:
-    """Rows of a numpy batch with a decoded RGB `image`; unreadable images are left out with a warning."""
-    rows = []
+    """Rows of a numpy batch with a decoded RGB `image`; records with unreadable images are left out,
+    with one warning per batch that names them."""
+    rows, skipped = [], []
     for i in range(len(batch["id"])):
         try:
             data = batch["data"][i]
             if data is None:
-                raise ImageError("not_found", "the image file could not be read")
+                raise ImageError("the image file could not be read", code="not_found")
             image = decode_image(bytes(data))
         except ImageError as e:
-            print(f"skipping record {batch['id'][i]} ({batch['image'][i]}): {e}")
+            skipped.append(f"{batch['id'][i]} ({batch['image'][i]}: {e.message})")
             continue
         rows.append({"id": str(batch["id"][i]), "image": image, "conversations": batch["conversations"][i]})
+    if skipped:
+        logger.warning("skipped %d of %d records, their images unreadable: %s", len(skipped), len(batch["id"]),
+                       "; ".join(skipped))
     if not rows:
         raise ValueError(f"no readable image in a batch of {len(batch['id'])} records")
     return rows

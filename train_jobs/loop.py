@@ -8,7 +8,7 @@ the stage's index, the model folder to start from and the step counts the driver
 from __future__ import annotations
 
 import json
-import math
+import logging
 import tempfile
 import time
 from pathlib import Path
@@ -18,12 +18,16 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
+from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup
 
-from train_jobs.config import StageConfig, TrainConfig
-from train_jobs.data import make_collator
-from train_jobs.model import apply_stage, export_model, load_model, param_groups, parameter_table, reply_mean_loss
+from pixelray.logs import show_logs
+from pixelray.train_jobs.config import StageConfig, TrainConfig
+from pixelray.train_jobs.data import make_collator
+from pixelray.train_jobs.model import (apply_stage, export_model, load_model, param_groups, parameter_table,
+                                       reply_mean_loss)
 
 CHECKPOINT_TAG = "deepspeed"
+logger = logging.getLogger(__name__)
 
 
 def deepspeed_config(cfg: TrainConfig, stage: StageConfig, device: torch.device) -> dict[str, Any]:
@@ -38,19 +42,10 @@ def deepspeed_config(cfg: TrainConfig, stage: StageConfig, device: torch.device)
     return ds
 
 
-def lr_lambda(stage: StageConfig, total_steps: int):
-    """Linear warm-up, then cosine decay to min_lr_ratio of the peak."""
-    def factor(step: int) -> float:
-        if step < stage.warmup_steps:
-            return (step + 1) / stage.warmup_steps
-        progress = (step - stage.warmup_steps) / max(1, total_steps - stage.warmup_steps)
-        return stage.min_lr_ratio + (1 - stage.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-    return factor
-
-
 def train_loop(loop_config: dict[str, Any]) -> None:
     import deepspeed
 
+    show_logs()  # this worker's records (rank 0's parameter table, a resume) reach the driver's terminal
     cfg = TrainConfig.model_validate(loop_config["config"])
     stage = cfg.stages[loop_config["stage"]]
     init_from, total_steps, steps_per_epoch = (loop_config[k] for k in ("init_from", "total_steps", "steps_per_epoch"))
@@ -62,10 +57,12 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     model, processing = load_model(cfg.model, init_from, device=device)
     model = apply_stage(model, stage)
     if rank == 0:
-        print(parameter_table(model, f"stage {stage.name}: trainable vs total parameters"), flush=True)
+        logger.info("%s", parameter_table(model, f"stage {stage.name}: trainable vs total parameters"))
     collate = make_collator(model, processing, cfg.data.max_length)
     optimizer = torch.optim.AdamW(param_groups(model, stage), lr=stage.lr, weight_decay=stage.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(stage, total_steps))
+    # linear warm-up, then cosine decay to min_lr_ratio of the peak
+    scheduler = get_cosine_with_min_lr_schedule_with_warmup(optimizer, stage.warmup_steps, total_steps,
+                                                            min_lr_rate=stage.min_lr_ratio)
     engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                            config=deepspeed_config(cfg, stage, device))
     dtype = next(p.dtype for p in engine.module.parameters())
@@ -80,7 +77,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
             engine.load_checkpoint(d, tag=CHECKPOINT_TAG)
             state = json.loads((Path(d) / "state.json").read_text())
         if rank == 0:
-            print(f"resumed stage {stage.name} at step {state['step']}", flush=True)
+            logger.info("resumed stage %s at step %d", stage.name, state["step"])
 
     # 3. Train: every worker takes the same number of micro-batches from its shard, so the
     #    collective calls line up; a resumed epoch skips (without decoding) what was already seen.

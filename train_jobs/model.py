@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from train_jobs.config import ModelConfig, Part, StageConfig
+from pixelray.train_jobs.config import ModelConfig, Part, StageConfig
 
 # First match wins: Qwen2-VL's projector (merger) lives inside its vision tower.
 _PARTS: list[tuple[Part, re.Pattern]] = [
@@ -72,7 +72,7 @@ def load_model(cfg: ModelConfig, source: str | None = None, dtype: torch.dtype =
 def pixelray_config(cfg: ModelConfig, source: str | None = None):
     """(PixelRayConfig, tokenizer) of the model `load_model` would give, without loading weights."""
     import open_clip
-    from transformers import AutoConfig, AutoTokenizer, CONFIG_MAPPING
+    from transformers import CONFIG_MAPPING, AutoConfig, AutoTokenizer
 
     from pixelray.generators.pixelray import CHAT_TEMPLATE
     from pixelray.vlm import IMAGE_TOKEN, PixelRayConfig

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 import os
 import shutil
@@ -31,14 +32,16 @@ import ray
 import ray.train
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from train_jobs.config import TrainConfig
-from train_jobs.data import PixelRayCollator, check_lengths, read_records
-from train_jobs.loop import train_loop
+from pixelray.train_jobs.config import TrainConfig
+from pixelray.train_jobs.data import PixelRayCollator, check_lengths, read_records
+from pixelray.train_jobs.loop import train_loop
+
+logger = logging.getLogger(__name__)
 
 
 def run_training(cfg: TrainConfig, resume: bool = False, overwrite: bool = False,
                  address: str | None = None) -> dict[str, Any]:
-    from pipelines.runtime import cluster_resources, init_ray
+    from pixelray.runtime import cluster_resources, init_ray
 
     cfg = cfg.with_absolute_paths()
     out = Path(cfg.output_dir)
@@ -62,14 +65,14 @@ def run_training(cfg: TrainConfig, resume: bool = False, overwrite: bool = False
     for index, stage in enumerate(cfg.stages):
         stage_dir = out / stage.name
         if resume and (stage_dir / "model").is_dir():
-            print(f"stage {stage.name}: already trained, skipped")
+            logger.info("stage %s: already trained, skipped", stage.name)
             init_from = str(stage_dir / "model")
             continue
         source = json.dumps(stage.data or cfg.data.train)
         if source not in datasets:
             datasets[source] = read_records(cfg.data.model_copy(update={"train": json.loads(source)})).materialize()
             if cfg.model.family == "pixelray":  # once per data source: stages keep the tokenizer and image size
-                print(f"stage {stage.name}: token lengths {_check_lengths(cfg, datasets[source], init_from)}")
+                logger.info("stage %s: token lengths %s", stage.name, _check_lengths(cfg, datasets[source], init_from))
         ds = datasets[source]
         records = ds.count()
         per_worker = records // cfg.scaling.num_workers
@@ -80,7 +83,7 @@ def run_training(cfg: TrainConfig, resume: bool = False, overwrite: bool = False
         total_steps = stage.max_steps or math.ceil(stage.epochs * steps_per_epoch)
         resume_from = _last_checkpoint(stage_dir) if resume else None
         if resume_from:
-            print(f"stage {stage.name}: resuming from {resume_from}", flush=True)
+            logger.info("stage %s: resuming from %s", stage.name, resume_from)
         started = time.perf_counter()
         trainer = TorchTrainer(
             train_loop,
@@ -111,8 +114,8 @@ def run_training(cfg: TrainConfig, resume: bool = False, overwrite: bool = False
         init_from = str(stage_dir / ("model" if (stage_dir / "model").is_dir() else "adapter"))
         summary["stages"][stage.name] = {"records": records, "steps": total_steps, "seconds": round(seconds, 1),
                                          "final_loss": state["history"][-1]["loss"], "model": init_from}
-        print(f"stage {stage.name}: {total_steps} steps in {seconds:.0f} s, loss "
-              f"{state['history'][0]['loss']:.4f} -> {state['history'][-1]['loss']:.4f}; model in {init_from}")
+        logger.info("stage %s: %d steps in %.0f s, loss %.4f -> %.4f; model in %s", stage.name, total_steps, seconds,
+                    state["history"][0]["loss"], state["history"][-1]["loss"], init_from)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
 
@@ -126,7 +129,7 @@ def _ordered():
 def _check_lengths(cfg: TrainConfig, ds: ray.data.Dataset, init_from: str | None) -> dict[str, int]:
     """Every record must leave room for its reply within data.max_length (pixelray family: the
     image token count is fixed by the config, so this needs no images and no weights)."""
-    from train_jobs.model import pixelray_config
+    from pixelray.train_jobs.model import pixelray_config
 
     config, tokenizer = pixelray_config(cfg.model, init_from)
     return check_lengths(ds, PixelRayCollator(tokenizer, config, cfg.data.max_length))

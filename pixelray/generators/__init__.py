@@ -3,8 +3,9 @@
     gen = create_generator("smolvlm-256m")          # a registry name, hf:ID, a hub id or a directory
     gen = create_generator("hybrid:clip?url=http://localhost:1234/v1")   # encoder + LM Studio (pixelray.hybrid)
     gen = create_generator("mlx:mlx-community/Qwen2-VL-2B-Instruct-4bit")  # mlx-vlm, on the MLX node pool
-    gen.generate(images, "Describe the image.", GenerationConfig(max_new_tokens=32))
-    gen.chat(conversations, images_per_conversation)
+    gen.caption(image), gen.answer(image, question), gen.chat(message, image=image, history=history)
+    gen.generate(images, "Describe the image.", GenerationConfig(max_new_tokens=32))   # full results
+    gen.chat_batch(conversations, images_per_conversation)                          # what backends implement
 
 Registry names are data (`REGISTRY`); weights come through each library's own loading code
 (`from_pretrained`), so offline a model that is not cached fails with the command that fetches it.
@@ -18,39 +19,37 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict
 
-from pixelray.generators.base import GenerationConfig, GenerationResult, Generator, Message, user_turn
+from pixelray.generators.base import (DEFAULT_PROMPT, GenerationConfig, GenerationResult, Generator, Message,
+                                      user_turn)
 
-__all__ = ["GenerationConfig", "GenerationResult", "Generator", "Message", "user_turn", "GeneratorSpec",
-           "REGISTRY", "resolve_generator", "create_generator", "check_loadable", "list_generators"]
+__all__ = ["DEFAULT_PROMPT", "GenerationConfig", "GenerationResult", "Generator", "Message", "user_turn",
+           "GeneratorSpec", "REGISTRY", "resolve_generator", "create_generator", "check_loadable", "list_generators"]
 
 # Models that ship inside the package (trained by train_jobs/, small enough to commit).
 BUNDLED = Path(__file__).resolve().parents[1] / "models"
 
-REGISTRY: dict[str, dict[str, str]] = {
-    "shapes-demo": dict(backend="pixelray", source=str(BUNDLED / "shapes-demo"),
-                        description="bundled: captions and answers about the shapes demo images (3.4M params)"),
-    "llava-1.5-7b": dict(backend="hf", source="llava-hf/llava-1.5-7b-hf", description="LLaVA 1.5 7B"),
-    "llava-v1.6-mistral-7b": dict(backend="hf", source="llava-hf/llava-v1.6-mistral-7b-hf",
-                                  description="LLaVA-NeXT (1.6) Mistral 7B"),
-    "smolvlm": dict(backend="hf", source="HuggingFaceTB/SmolVLM-Instruct", description="SmolVLM 2B instruct"),
-    "smolvlm-256m": dict(backend="hf", source="HuggingFaceTB/SmolVLM-256M-Instruct",
-                         description="SmolVLM 256M instruct (CPU friendly)"),
-    "qwen2-vl-2b": dict(backend="hf", source="Qwen/Qwen2-VL-2B-Instruct", description="Qwen2-VL 2B instruct"),
-    "qwen2.5-vl-3b": dict(backend="hf", source="Qwen/Qwen2.5-VL-3B-Instruct",
-                          description="Qwen2.5-VL 3B instruct"),
-    "paligemma-3b": dict(backend="hf", source="google/paligemma-3b-mix-224",
-                         description="PaliGemma 3B mix 224 (prompts like 'caption en')"),
-    "qwen2.5-0.5b-instruct": dict(backend="text", source="Qwen/Qwen2.5-0.5B-Instruct",
-                                  description="text only: Qwen2.5 0.5B instruct (a hybrid's LLM, served by pixelray)"),
-    "llava-1.6-mistral-7b-mlx": dict(backend="mlx", source="mlx-community/llava-v1.6-mistral-7b-4bit",
-                                     description="MLX (Apple silicon): LLaVA-NeXT Mistral 7B, 4-bit"),
-    "qwen2-vl-2b-mlx": dict(backend="mlx", source="mlx-community/Qwen2-VL-2B-Instruct-4bit",
-                            description="MLX (Apple silicon): Qwen2-VL 2B instruct, 4-bit"),
-    "smolvlm-mlx": dict(backend="mlx", source="mlx-community/SmolVLM-Instruct-4bit",
-                        description="MLX (Apple silicon): SmolVLM 2B instruct, 4-bit"),
-    "hybrid": dict(backend="hybrid", source="clip?url=http://localhost:1234/v1",
-                   description="CLIP ViT-B/32 features summarised to text, captioned by LM Studio at localhost:1234"),
+_MODELS = {  # name: (backend, source, description)
+    "shapes-demo": ("pixelray", str(BUNDLED / "shapes-demo"),
+                    "bundled: captions and answers about the shapes demo images (3.4M params)"),
+    "llava-1.5-7b": ("hf", "llava-hf/llava-1.5-7b-hf", "LLaVA 1.5 7B"),
+    "llava-v1.6-mistral-7b": ("hf", "llava-hf/llava-v1.6-mistral-7b-hf", "LLaVA-NeXT (1.6) Mistral 7B"),
+    "smolvlm": ("hf", "HuggingFaceTB/SmolVLM-Instruct", "SmolVLM 2B instruct"),
+    "smolvlm-256m": ("hf", "HuggingFaceTB/SmolVLM-256M-Instruct", "SmolVLM 256M instruct (CPU friendly)"),
+    "qwen2-vl-2b": ("hf", "Qwen/Qwen2-VL-2B-Instruct", "Qwen2-VL 2B instruct"),
+    "qwen2.5-vl-3b": ("hf", "Qwen/Qwen2.5-VL-3B-Instruct", "Qwen2.5-VL 3B instruct"),
+    "paligemma-3b": ("hf", "google/paligemma-3b-mix-224", "PaliGemma 3B mix 224 (prompts like 'caption en')"),
+    "qwen2.5-0.5b-instruct": ("text", "Qwen/Qwen2.5-0.5B-Instruct",
+                              "text only: Qwen2.5 0.5B instruct (a hybrid's LLM, served by pixelray)"),
+    "llava-1.6-mistral-7b-mlx": ("mlx", "mlx-community/llava-v1.6-mistral-7b-4bit",
+                                 "MLX (Apple silicon): LLaVA-NeXT Mistral 7B, 4-bit"),
+    "qwen2-vl-2b-mlx": ("mlx", "mlx-community/Qwen2-VL-2B-Instruct-4bit",
+                        "MLX (Apple silicon): Qwen2-VL 2B instruct, 4-bit"),
+    "smolvlm-mlx": ("mlx", "mlx-community/SmolVLM-Instruct-4bit", "MLX (Apple silicon): SmolVLM 2B instruct, 4-bit"),
+    "hybrid": ("hybrid", "clip?url=http://localhost:1234/v1",
+               "CLIP ViT-B/32 features summarised to text, captioned by LM Studio at localhost:1234"),
 }
+REGISTRY: dict[str, dict[str, str]] = {name: dict(backend=backend, source=source, description=description)
+                                       for name, (backend, source, description) in _MODELS.items()}
 
 
 class GeneratorSpec(BaseModel):
@@ -87,8 +86,10 @@ def resolve_generator(name: str) -> GeneratorSpec:
 
 def _folder_backend(model_type: str | None) -> str:
     """pixelray for the project's model, text for a causal LM without vision, hf for the rest."""
-    from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
-                                                        MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES)
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
+    )
 
     if model_type == "pixelray":
         return "pixelray"

@@ -1,14 +1,27 @@
-"""The one generator interface: images + prompt -> text, batched, and its multi-turn chat form.
+"""The one generator interface: images and text in, text out, the same over every backend.
 
-Conversations use the Hugging Face chat format, with images passed alongside in the order their
-`{"type": "image"}` parts appear:
+For people (notebooks, scripts), text in and text out, one image or a batch:
+
+    model.caption(image)                                   # image: a PIL image, or a path or URI to open
+    model.answer(image, "What colour is the circle?")
+    model.caption_batch(images), model.answer_batch(images, questions)   # one batched generate each
+    history = []
+    model.chat("What is this?", image=image, history=history)          # history grows by the two turns
+    model.chat("And its size?", history=history, max_new_tokens=16)    # GenerationConfig's fields as keywords
+
+For the jobs and the Serve app, batches of conversations in the Hugging Face chat format, with the
+images passed alongside in the order their `{"type": "image"}` parts appear, and full results:
 
     conversation = [
         {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What is this?"}]},
         {"role": "assistant", "content": [{"type": "text", "text": "A red circle."}]},
         {"role": "user", "content": [{"type": "text", "text": "And its size?"}]},
     ]
-    generator.chat([conversation], [[image]], GenerationConfig(max_new_tokens=32))
+    model.chat_batch([conversation], [[image]], GenerationConfig(max_new_tokens=32))   # [GenerationResult]
+    model.chat_items(...)                                  # the same, each item's failure its own entry
+    model.generate(images, prompts, config)                # one single-turn conversation per image
+
+A backend implements `chat_batch`; everything else is built on it here.
 """
 
 from __future__ import annotations
@@ -20,7 +33,10 @@ from typing import Any, Literal
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
+from pixelray.images import ImageInput, as_image
+
 Message = dict[str, Any]
+DEFAULT_PROMPT = "Describe the image."
 
 
 class GenerationConfig(BaseModel):
@@ -28,11 +44,11 @@ class GenerationConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    max_new_tokens: int = Field(64, ge=1, le=8192)
-    temperature: float = Field(0.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    seed: int | None = None
-    stop: list[str] = Field(default_factory=list, max_length=8)
+    max_new_tokens: int = Field(64, ge=1, le=8192, description="the most tokens a reply may have")
+    temperature: float = Field(0.0, ge=0.0, le=2.0, description="0 decodes greedily")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling: the probability mass sampled from")
+    seed: int | None = Field(None, description="the sampling seed")
+    stop: list[str] = Field(default_factory=list, max_length=8, description="a stop string: the reply ends before it")
 
 
 @dataclass
@@ -58,6 +74,24 @@ def count_images(conversation: list[Message]) -> int:
     """The `{"type": "image"}` parts of a conversation."""
     return sum(1 for m in conversation if isinstance(m["content"], list)
                for c in m["content"] if c.get("type") == "image")
+
+
+def split_images(conversation: list[Message]) -> tuple[list[Message], list[Image.Image]]:
+    """A conversation whose image parts hold their image (`{"type": "image", "image": ...}`) -> the
+    conversation with bare image parts, and its images in order."""
+    images: list[Image.Image] = []
+    bare = []
+    for message in conversation:
+        content = message["content"]
+        if isinstance(content, list):
+            content = [dict(part) for part in content]
+            for part in content:
+                if part.get("type") == "image":
+                    if "image" not in part:
+                        raise ValueError("an image part of the history has no image: keep the history chat() fills")
+                    images.append(as_image(part.pop("image")))
+        bare.append({**message, "content": content})
+    return bare, images
 
 
 def check_batch(conversations: list[list[Message]], images: list[list[Image.Image]]) -> None:
@@ -92,6 +126,13 @@ def end_and_pad_ids(generation_config, tokenizer) -> tuple[set[int], int | None]
     return set(eos if isinstance(eos, list) else [eos]), tokenizer.pad_token_id if pad is None else pad
 
 
+def decode_results(rows, attention_mask, tokenizer, end_ids: set[int], pad_id: int | None,
+                   config: GenerationConfig) -> list[GenerationResult]:
+    """A batch's generated ids (one row per prompt) -> results; the prompts' lengths come from the mask."""
+    return [decode_result(row.tolist(), tokenizer, end_ids, pad_id, config, int(n))
+            for row, n in zip(rows, attention_mask.sum(1))]
+
+
 def decode_result(tokens: list[int], tokenizer, end_ids: set[int], pad_id: int | None,
                   config: GenerationConfig, prompt_tokens: int = 0) -> GenerationResult:
     """Generated ids -> text, cut at the end-of-turn token or a stop string, with the token count."""
@@ -115,17 +156,17 @@ class Generator(ABC):
     waits_on_network = False  # True when generating mostly waits on another server (the hybrid)
 
     @abstractmethod
-    def chat(self, conversations: list[list[Message]], images: list[list[Image.Image]],
-             config: GenerationConfig = GenerationConfig(), streamer=None) -> list[GenerationResult]:
+    def chat_batch(self, conversations: list[list[Message]], images: list[list[Image.Image]],
+                   config: GenerationConfig = GenerationConfig(), streamer=None) -> list[GenerationResult]:
         """One reply per conversation, generated as one batch; `streamer` (a transformers
         BaseStreamer) is handed each step's new token ids, as `generate()` does."""
 
     def chat_items(self, conversations: list[list[Message]], images: list[list[Image.Image]],
                    config: GenerationConfig = GenerationConfig()) -> list[GenerationResult | Exception]:
-        """`chat`, with each conversation's failure as its own list item: the batch at once, and if
-        that fails, each conversation alone, so one bad item fails only itself."""
+        """`chat_batch`, with each conversation's failure as its own list item: the batch at once, and
+        if that fails, each conversation alone, so one bad item fails only itself."""
         try:
-            return self.chat(conversations, images, config)
+            return self.chat_batch(conversations, images, config)
         except Exception as e:
             if len(conversations) == 1:
                 return [e]
@@ -138,4 +179,31 @@ class Generator(ABC):
             prompts = [prompts] * len(images)
         if len(prompts) != len(images):
             raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
-        return self.chat([[user_turn(p)] for p in prompts], [[im] for im in images], config)
+        return self.chat_batch([[user_turn(p)] for p in prompts], [[as_image(im)] for im in images], config)
+
+    # --- text in, text out ---------------------------------------------------------------------
+
+    def caption_batch(self, images: list[ImageInput], prompt: str = DEFAULT_PROMPT, **settings) -> list[str]:
+        return [r.text for r in self.generate(images, prompt, GenerationConfig(**settings))]
+
+    def caption(self, image: ImageInput, prompt: str = DEFAULT_PROMPT, **settings) -> str:
+        return self.caption_batch([image], prompt, **settings)[0]
+
+    def answer_batch(self, images: list[ImageInput], questions: list[str], **settings) -> list[str]:
+        return [r.text for r in self.generate(images, list(questions), GenerationConfig(**settings))]
+
+    def answer(self, image: ImageInput, question: str, **settings) -> str:
+        return self.answer_batch([image], [question], **settings)[0]
+
+    def chat(self, message: str, image: ImageInput | None = None, history: list[Message] | None = None,
+             **settings) -> str:
+        """The reply to `message` (about `image`, when given) after the turns in `history`, which then
+        holds this turn and the reply too (its image parts carry their images)."""
+        user = user_turn(message, with_image=image is not None)
+        if image is not None:
+            user["content"][0]["image"] = as_image(image)
+        conversation, images = split_images([*(history or []), user])
+        reply = self.chat_batch([conversation], [images], GenerationConfig(**settings))[0].text
+        if history is not None:
+            history += [user, {"role": "assistant", "content": [{"type": "text", "text": reply}]}]
+        return reply

@@ -3,6 +3,7 @@
 Families exercised by the tests: LLaVA (1.5 and 1.6 / llava-next), SmolVLM (Idefics3), Qwen2-VL
 and Qwen2.5-VL, PaliGemma. The processor's chat template builds the prompt (PaliGemma has none:
 its prompt is the plain text), batches are left-padded, and `model.generate` does the decoding.
+What differs by family is in families.py.
 """
 
 from __future__ import annotations
@@ -11,48 +12,59 @@ import torch
 from PIL import Image
 
 from pixelray.device import resolve_device, resolve_dtype
-from pixelray.generators.base import (GenerationConfig, GenerationResult, Generator, Message, check_batch,
-                                     count_images, decode_result, decoding_kwargs, end_and_pad_ids)
+from pixelray.generators.base import (GenerationConfig, GenerationResult, Generator, Message, check_batch, count_images,
+                                      decode_results, decoding_kwargs, end_and_pad_ids)
+from pixelray.generators.families import family
 from pixelray.hub import not_available
 
-NESTED_IMAGES = {"idefics3", "smolvlm", "idefics2"}  # processors that want one image list per prompt
-NO_CHAT_TEMPLATE = {"paligemma"}
+
+class PretrainedGenerator(Generator):
+    """A backend loaded by transformers' from_pretrained: the model on its device, its processor or
+    tokenizer (left padding), and the ids that end a reply."""
+
+    def __init__(self, model_class, processing_class, source: str, device: str, dtype: str,
+                 quantization: str | None, name: str | None):
+        self.name = name or source
+        self.model, self.processing, self.device, self.dtype = load_pretrained(
+            model_class, processing_class, source, device, dtype, quantization)
+        self.tokenizer = getattr(self.processing, "tokenizer", self.processing)
+        self.tokenizer.padding_side = "left"
+        self.end_ids, self.pad_id = end_and_pad_ids(self.model.generation_config, self.tokenizer)
+
+    def _generate(self, inputs: dict, config: GenerationConfig, streamer) -> list[GenerationResult]:
+        """model.generate on a left-padded batch, its new tokens decoded per prompt."""
+        out = self.model.generate(**inputs, streamer=streamer, **decoding_kwargs(config, self.pad_id, self.tokenizer))
+        return decode_results(out[:, inputs["input_ids"].shape[1]:], inputs["attention_mask"], self.tokenizer,
+                              self.end_ids, self.pad_id, config)
 
 
-class HFGenerator(Generator):
+class HFGenerator(PretrainedGenerator):
     def __init__(self, source: str, device: str = "auto", dtype: str = "auto", quantization: str | None = None,
                  name: str | None = None):
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
-        self.name = name or source
-        self.model, self.processor, self.device, self.dtype = load_pretrained(
-            AutoModelForImageTextToText, AutoProcessor, source, device, dtype, quantization)
-        self.tokenizer = self.processor.tokenizer
-        self.tokenizer.padding_side = "left"
-        self.family = self.model.config.model_type
-        self.end_ids, self.pad_id = end_and_pad_ids(self.model.generation_config, self.tokenizer)
+        super().__init__(AutoModelForImageTextToText, AutoProcessor, source, device, dtype, quantization, name)
+        self.processor = self.processing
+        self.family = family(self.model.config.model_type)
 
     def prompts(self, conversations: list[list[Message]]) -> list[str]:
-        if self.family in NO_CHAT_TEMPLATE:  # PaliGemma: image tokens, then the plain prompt
+        if not self.family.chat_template:  # PaliGemma: image tokens, then the plain prompt
             image_token = getattr(self.processor, "image_token", "<image>")
             return [image_token * count_images(c) + _last_user_text(c) for c in conversations]
         return [self.processor.apply_chat_template(c, add_generation_prompt=True) for c in conversations]
 
     @torch.inference_mode()
-    def chat(self, conversations: list[list[Message]], images: list[list[Image.Image]],
-             config: GenerationConfig = GenerationConfig(), streamer=None) -> list[GenerationResult]:
+    def chat_batch(self, conversations: list[list[Message]], images: list[list[Image.Image]],
+                   config: GenerationConfig = GenerationConfig(), streamer=None) -> list[GenerationResult]:
         check_batch(conversations, images)
         flat = [im for ims in images for im in ims]
-        image_arg = images if self.family in NESTED_IMAGES else flat
+        image_arg = images if self.family.nested_images else flat
         inputs = self.processor(text=self.prompts(conversations), images=image_arg or None, padding=True,
                                 return_tensors="pt")
         inputs = {k: v.to(self.device) for k, v in inputs.items() if k != "labels"}
         if "pixel_values" in inputs:
             inputs["pixel_values"] = inputs["pixel_values"].to(self.dtype)
-        out = self.model.generate(**inputs, streamer=streamer,
-                                  **decoding_kwargs(config, self.pad_id, self.tokenizer))
-        return [decode_result(row.tolist(), self.tokenizer, self.end_ids, self.pad_id, config, int(n))
-                for row, n in zip(out[:, inputs["input_ids"].shape[1]:], inputs["attention_mask"].sum(1))]
+        return self._generate(inputs, config, streamer)
 
 
 def load_pretrained(model_class, processing_class, source: str, device: str, dtype: str, quantization: str | None):

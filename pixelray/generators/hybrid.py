@@ -29,8 +29,8 @@ class HybridGenerator(Generator):
         self.hybrid = HybridPixelLLM(config)
         self.name = name or f"hybrid:{source}"
 
-    def chat(self, conversations: list[list[Message]], images: list[list[Image.Image]],
-             config: GenerationConfig = GenerationConfig(), streamer=None) -> list[GenerationResult]:
+    def chat_batch(self, conversations: list[list[Message]], images: list[list[Image.Image]],
+                   config: GenerationConfig = GenerationConfig(), streamer=None) -> list[GenerationResult]:
         outcomes = self.chat_items(conversations, images, config)
         if failed := next((o for o in outcomes if isinstance(o, Exception)), None):
             raise failed

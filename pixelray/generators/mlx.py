@@ -13,7 +13,7 @@ its tokenizer, so calls are serialised with a lock. Images are converted to RGB 
 
 mlx is imported only here, when such a model is made: Linux users without mlx are unaffected. On a
 Ray cluster the actors and replicas of this backend ask for the `mlx` resource, which only the
-Apple-silicon nodes of the MLX node pool carry (pipelines.runtime, serve_apps.vlm).
+Apple-silicon nodes of the MLX node pool carry (pixelray.runtime).
 """
 
 from __future__ import annotations
@@ -24,8 +24,8 @@ from urllib.parse import parse_qsl
 
 from PIL import Image
 
-from pixelray.generators.base import (GenerationConfig, GenerationResult, Generator, Message, check_batch,
-                                     count_images, cut_at_stop)
+from pixelray.generators.base import (GenerationConfig, GenerationResult, Generator, Message, check_batch, count_images,
+                                      cut_at_stop)
 from pixelray.hub import not_available
 
 INSTALL = ("the mlx backend needs mlx-vlm: `pip install 'pixelray[mlx]'` (Apple silicon; on Linux x86_64 it "
@@ -79,8 +79,8 @@ class MLXGenerator(Generator):
                                  Image.Resampling.BICUBIC)
         return image
 
-    def chat(self, conversations: list[list[Message]], images: list[list[Image.Image]],
-             config: GenerationConfig = GenerationConfig(), streamer=None) -> list[GenerationResult]:
+    def chat_batch(self, conversations: list[list[Message]], images: list[list[Image.Image]],
+                   config: GenerationConfig = GenerationConfig(), streamer=None) -> list[GenerationResult]:
         check_batch(conversations, images)
         return [self._reply(c, ims, config, streamer) for c, ims in zip(conversations, images)]
 

@@ -8,7 +8,7 @@ from PIL import Image
 from pixelray.device import resolve_device, resolve_dtype
 from pixelray.encoders import open_clip_preprocess_cfg, open_clip_transform
 from pixelray.generators.base import (GenerationConfig, GenerationResult, Generator, Message, check_batch,
-                                     decode_result, decoding_kwargs, end_and_pad_ids)
+                                      decode_results, decoding_kwargs, end_and_pad_ids)
 from pixelray.hub import not_available
 
 # Used when the saved tokenizer carries no chat template of its own (Qwen2 style).
@@ -51,8 +51,8 @@ class PixelRayGenerator(Generator):
                 .replace(self.image_token, self.image_tokens) for c in conversations]
 
     @torch.inference_mode()
-    def chat(self, conversations: list[list[Message]], images: list[list[Image.Image]],
-             config: GenerationConfig = GenerationConfig(), streamer=None) -> list[GenerationResult]:
+    def chat_batch(self, conversations: list[list[Message]], images: list[list[Image.Image]],
+                   config: GenerationConfig = GenerationConfig(), streamer=None) -> list[GenerationResult]:
         check_batch(conversations, images)
         enc = self.tokenizer(self.prompts(conversations), padding=True, return_tensors="pt").to(self.device)
         flat = [im for ims in images for im in ims]
@@ -60,5 +60,4 @@ class PixelRayGenerator(Generator):
         out = self.model.generate(enc["input_ids"], pixels, enc["attention_mask"],
                                   streamer=streamer,
                                   **decoding_kwargs(config, self.pad_id, self.tokenizer))
-        return [decode_result(row.tolist(), self.tokenizer, self.end_ids, self.pad_id, config, int(n))
-                for row, n in zip(out, enc["attention_mask"].sum(1))]
+        return decode_results(out, enc["attention_mask"], self.tokenizer, self.end_ids, self.pad_id, config)

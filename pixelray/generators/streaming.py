@@ -52,7 +52,7 @@ def stream_reply(generator: Generator, conversation: list[Message], images: list
 
     def run() -> None:
         try:
-            outcome["result"] = generator.chat([conversation], [images], config, streamer=tokens)[0]
+            outcome["result"] = generator.chat_batch([conversation], [images], config, streamer=tokens)[0]
         except BaseException as e:  # re-raised in the caller's thread
             outcome["error"] = e
         finally:

@@ -9,23 +9,18 @@ from __future__ import annotations
 import torch
 from PIL import Image
 
-from pixelray.generators.base import (GenerationConfig, GenerationResult, Generator, Message, check_batch,
-                                     count_images, decode_result, decoding_kwargs, end_and_pad_ids)
-from pixelray.generators.hf import load_pretrained
+from pixelray.generators.base import GenerationConfig, GenerationResult, Message, check_batch, count_images
+from pixelray.generators.hf import PretrainedGenerator
 
 
-class TextGenerator(Generator):
+class TextGenerator(PretrainedGenerator):
     def __init__(self, source: str, device: str = "auto", dtype: str = "auto", quantization: str | None = None,
                  name: str | None = None):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        self.name = name or source
-        self.model, self.tokenizer, self.device, self.dtype = load_pretrained(
-            AutoModelForCausalLM, AutoTokenizer, source, device, dtype, quantization)
+        super().__init__(AutoModelForCausalLM, AutoTokenizer, source, device, dtype, quantization, name)
         if self.tokenizer.chat_template is None:
             raise ValueError(f"{source}: the tokenizer has no chat template; use an instruct/chat model")
-        self.tokenizer.padding_side = "left"
-        self.end_ids, self.pad_id = end_and_pad_ids(self.model.generation_config, self.tokenizer)
 
     def prompts(self, conversations: list[list[Message]]) -> list[str]:
         """Chat-templated prompts; list contents (OpenAI text parts) are joined to plain strings."""
@@ -37,11 +32,9 @@ class TextGenerator(Generator):
         return [self.tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in plain]
 
     @torch.inference_mode()
-    def chat(self, conversations: list[list[Message]], images: list[list[Image.Image]],
-             config: GenerationConfig = GenerationConfig(), streamer=None) -> list[GenerationResult]:
+    def chat_batch(self, conversations: list[list[Message]], images: list[list[Image.Image]],
+                   config: GenerationConfig = GenerationConfig(), streamer=None) -> list[GenerationResult]:
         check_batch(conversations, images)
-        enc = self.tokenizer(self.prompts(conversations), padding=True, add_special_tokens=False,
-                             return_tensors="pt").to(self.device)
-        out = self.model.generate(**enc, streamer=streamer, **decoding_kwargs(config, self.pad_id, self.tokenizer))
-        return [decode_result(row.tolist(), self.tokenizer, self.end_ids, self.pad_id, config, int(n))
-                for row, n in zip(out[:, enc["input_ids"].shape[1]:], enc["attention_mask"].sum(1))]
+        inputs = self.tokenizer(self.prompts(conversations), padding=True, add_special_tokens=False,
+                                return_tensors="pt").to(self.device)
+        return self._generate(dict(inputs), config, streamer)

@@ -24,12 +24,12 @@ import torch
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
+from pixelray.generators.base import DEFAULT_PROMPT
 from pixelray.hybrid.client import Completion, LLMServerError, LMStudioClient, LMStudioConfig
 from pixelray.hybrid.features import VisionFeatureExtractor
 from pixelray.hybrid.summary import FeatureSummarizer, FeatureSummary, PromptTemplate
 
 logger = logging.getLogger(__name__)
-DEFAULT_PROMPT = "Describe the image."
 
 
 class HybridConfig(BaseModel):

@@ -1,0 +1,97 @@
+"""The settings of the batch jobs, typed: what every job takes (BatchConfig) and each job's own. The
+command line's options are made from these fields (pixelray.cli.options), one per field with a
+description, so this module stays light: nothing here imports Ray or torch."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from pixelray.device import DeviceName, DtypeName, QuantizationName
+from pixelray.generators import DEFAULT_PROMPT, GenerationConfig, GeneratorSpec
+from pixelray.images import FILE_LIMITS, ImageLimits
+
+if TYPE_CHECKING:
+    from pixelray.encoders import EncoderSpec
+
+POOL_SIZE = ("default: one per GPU; on CPU-only nodes one single-threaded actor per core up to 8 cores, "
+             "then one 4-thread actor per 4 cores")
+
+
+class BatchConfig(BaseModel):
+    """The settings every batch job takes (`pixelray embed`, `pixelray caption`); the command line's
+    options are made from these fields and their descriptions."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    input: str = Field(description="a folder, a glob, a list file (.txt, one path or URI per line), or Parquet/tar "
+                                   "shards; any pyarrow filesystem URI (s3://, gs://, ...) works")
+    out: str = Field(description="the store: an output directory or URI")
+    batch_size: int = Field(8, ge=1, description="images per model call")
+    resume: bool = Field(False, description="continue a store, skipping the items already in it")
+    overwrite: bool = Field(False, description="replace an existing store")
+    device: DeviceName = Field("auto", description="where the model runs")
+    dtype: DtypeName = Field("auto", description="auto: bf16 on CUDA when supported, fp16 on other CUDA, else fp32")
+    rows_per_file: int = Field(1000, ge=1, description="rows per output Parquet file: the unit a crash can lose")
+    max_image_bytes: int = Field(FILE_LIMITS.max_bytes, ge=1, description="larger files are error rows")
+    max_image_pixels: int = Field(FILE_LIMITS.max_pixels, ge=1,
+                                  description="larger images are error rows, refused before decoding")
+    # differs from the actors' request, so that Ray keeps the decode and model stages apart
+    decode_cpus: float = Field(1.0, gt=0)
+    address: str | None = Field(None, description="Ray cluster address (default: RAY_ADDRESS, else a local Ray "
+                                                  "instance)")
+
+    @property
+    def limits(self) -> ImageLimits:
+        return ImageLimits(max_bytes=self.max_image_bytes, max_pixels=self.max_image_pixels)
+
+
+class EmbedConfig(BatchConfig):
+    """Settings of one `pixelray embed` run."""
+
+    encoder: str = Field("default", description="registry name (see `pixelray models`), local directory or hub id")
+    batch_size: int = Field(32, ge=1, description="images per encoder call")
+    dtype: DtypeName = Field("fp32", description="fp32, bf16, fp16 (CUDA only) or auto (bf16 or fp16 on CUDA)")
+    patches: bool = Field(False, description="also store patch features [num_patches, dim]")
+    normalize: bool = Field(False, description="L2-normalise embeddings and patch features")
+    num_encoders: int | None = Field(None, ge=1, description=f"encoder actors; {POOL_SIZE}")
+
+    def manifest(self, spec: EncoderSpec) -> dict:
+        """What must not change between a run and its resume."""
+        return {"job": "embed", "encoder": spec.name, "encoder_source": spec.source,
+                "pretrained": spec.pretrained, "patches": self.patches, "normalize": self.normalize,
+                "dtype": self.dtype}
+
+
+class CaptionConfig(BatchConfig):
+    """Settings of one `pixelray caption` run."""
+
+    input: str | None = Field(None, description="as for `pixelray embed`; optional with --questions, which names "
+                                                "the images")
+    model: str = Field("shapes-demo", description="registry name (`pixelray models`), hf:ID, hub id or folder, or "
+                                                  "hybrid:ENCODER?url=URL&model=NAME (an encoder + an "
+                                                  "OpenAI-compatible LLM server such as LM Studio)")
+    prompt: str = Field(DEFAULT_PROMPT, description="the instruction for every image")
+    question: str | None = Field(None, description="one question asked of every image (VQA)")
+    questions: str | None = Field(None, description="JSON lines or Parquet file of {image, question} rows (VQA, "
+                                                    "one answer per row)")
+    generation: GenerationConfig = GenerationConfig()
+    quantization: QuantizationName | None = Field(None, description="bitsandbytes (CUDA only)")
+    num_generators: int | None = Field(None, ge=1, description=f"generator actors; {POOL_SIZE}")
+    max_side: int = Field(2048, ge=16)  # larger images are downscaled before they travel to the actors
+
+    @model_validator(mode="after")
+    def _one_source(self) -> "CaptionConfig":
+        if self.question and self.questions:
+            raise ValueError("give --question or --questions, not both")
+        if self.questions is None and self.input is None:
+            raise ValueError("INPUT is required unless --questions names the images")
+        return self
+
+    def manifest(self, spec: GeneratorSpec) -> dict:
+        """What must not change between a run and its resume."""
+        return {"job": "caption", "model": spec.name, "model_source": spec.source,
+                "prompt": None if self.questions or self.question else self.prompt, "question": self.question,
+                "vqa": bool(self.questions), "generation": self.generation.model_dump(),
+                "quantization": self.quantization}

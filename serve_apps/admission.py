@@ -1,0 +1,73 @@
+"""Admission: what every route checks before it reads a request (the API key, the declared size), and
+the body read and validated into its typed request (protocol.py), so that a large upload without the
+key is refused before a byte of it is read. Every refusal is a PixelrayError with its HTTP status."""
+
+from __future__ import annotations
+
+import json
+import secrets
+from typing import Any
+
+from fastapi import Request
+from pydantic import BaseModel, ValidationError
+from starlette.exceptions import HTTPException
+
+from pixelray.errors import PixelrayError, validation_message
+
+
+def validated(model: type[BaseModel], data: Any) -> Any:
+    """`data` as a `model`, or a 422 that says which values are wrong."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        raise PixelrayError(validation_message(e), 422, "invalid_parameters") from None
+
+
+class Admission:
+    def __init__(self, api_key: str | None, max_request_bytes: int, max_image_bytes: int):
+        self.api_key = api_key.encode() if api_key is not None else None
+        self.max_request_bytes, self.max_image_bytes = max_request_bytes, max_image_bytes
+
+    def admit(self, request: Request) -> None:
+        """The API key (when one is configured) and the declared request size, before the body is read."""
+        if self.api_key is not None:
+            scheme, _, token = request.headers.get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not secrets.compare_digest(token.strip().encode(), self.api_key):
+                raise PixelrayError("missing or wrong API key: send 'Authorization: Bearer <key>'", 401,
+                                    "invalid_api_key")
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_request_bytes:
+            raise PixelrayError(f"request body is {int(length):,} bytes, over the limit of "
+                                f"{self.max_request_bytes:,}", 413, "request_too_large")
+
+    async def json(self, request: Request, model: type[BaseModel]) -> Any:
+        """A JSON object body as a `model`."""
+        self.admit(request)
+        body = await request.body()
+        if len(body) > self.max_request_bytes:
+            raise PixelrayError(f"request body is over the limit of {self.max_request_bytes:,} bytes", 413,
+                                "request_too_large")
+        try:
+            data = json.loads(body)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise PixelrayError(f"the body is not valid JSON: {e}", 400, "invalid_json") from None
+        if not isinstance(data, dict):
+            raise PixelrayError("the body must be a JSON object", 400, "invalid_json")
+        return validated(model, data)
+
+    async def form(self, request: Request, model: type[BaseModel]) -> tuple[Any, bytes]:
+        """A multipart form: its fields as a `model`, and its `image` file's bytes (at most the image
+        limit and one byte more: the decoder refuses what is over it)."""
+        self.admit(request)
+        if not request.headers.get("content-type", "").startswith("multipart/form-data"):
+            raise PixelrayError("send multipart/form-data with an 'image' file field", 400, "not_multipart")
+        try:
+            form = await request.form(max_files=1, max_fields=16)
+        except HTTPException as e:
+            raise PixelrayError(f"unreadable multipart form: {e.detail}", 400, "bad_form") from None
+        upload = form.get("image")
+        if upload is None or isinstance(upload, str):
+            raise PixelrayError("the 'image' file field is missing", 422, "missing_image")
+        data = await upload.read(self.max_image_bytes + 1)
+        fields = {k: v for k, v in form.items() if k != "image" and v != ""}
+        return validated(model, fields), data

@@ -1,0 +1,74 @@
+"""What the routes share in the ingress replica: the app's settings, admission, the model deployments
+and how a request reaches one (lookup, token limit, retries), and the /chat conversations."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import Request
+from ray.exceptions import RayActorError, RayTaskError
+from ray.serve.exceptions import BackPressureError
+from ray.serve.handle import DeploymentHandle
+
+from pixelray.errors import PixelrayError
+from pixelray.generators import GenerationConfig, GenerationResult, Message
+from pixelray.serve_apps.admission import Admission, validated
+from pixelray.serve_apps.conversations import ConversationStore
+from pixelray.serve_apps.settings import AppArgs
+
+logger = logging.getLogger("ray.serve")
+
+
+class Server:
+    def __init__(self, models: dict[str, DeploymentHandle], args: AppArgs, hybrid_models: list[str]):
+        self.models, self.args, self.hybrid_models = models, args, hybrid_models
+        self.default_model = next(iter(models))
+        self.max_new_tokens = {m.name: m.max_new_tokens for m in args.models}
+        self.limits = args.image_limits
+        self.admission = Admission(args.api_key, args.max_request_bytes, args.max_image_bytes)
+        self.conversations = ConversationStore(args.chat_max_conversations, args.chat_max_turns, args.chat_ttl_s)
+
+    def model(self, name: str | None, allowed: list[str] | None = None) -> tuple[str, DeploymentHandle]:
+        """The model a request names (or the default: the first of `allowed`, else of all); 404 otherwise."""
+        if allowed is not None and name is not None and name not in allowed:
+            raise PixelrayError(f"model {name!r} cannot serve this route; use one of {', '.join(allowed)}", 404,
+                                "model_not_found")
+        name = name or (allowed[0] if allowed else self.default_model)
+        if name not in self.models:
+            raise PixelrayError(f"model {name!r} is not served here; models: {', '.join(self.models)}", 404,
+                                "model_not_found")
+        return name, self.models[name]
+
+    def config(self, model: str, max_new_tokens: int, **settings) -> GenerationConfig:
+        """A request's decoding settings, within the model's token limit and validated (422 otherwise)."""
+        limit = self.max_new_tokens.get(model, 512)
+        if max_new_tokens > limit:
+            raise PixelrayError(f"max tokens {max_new_tokens} is over this server's limit of {limit} for {model}", 422,
+                                "max_tokens_too_large")
+        return validated(GenerationConfig, {"max_new_tokens": max_new_tokens, **settings})
+
+    async def generate(self, handle: DeploymentHandle, conversation: list[Message], images: list,
+                       config: GenerationConfig) -> GenerationResult:
+        """One reply; a request whose replica died is sent again (up to `retries` times), an overload is a
+        503, a PixelrayError from the model (a hybrid's LLM server failing: 502 or 503) keeps its status,
+        and a ValueError (an input the model cannot take) is a 400."""
+        for attempt in range(self.args.retries + 1):
+            try:
+                return await handle.generate.remote(conversation, images, config)
+            except BackPressureError:
+                raise PixelrayError("the model is overloaded: retry shortly", 503, "overloaded") from None
+            except RayActorError as e:
+                if attempt == self.args.retries:
+                    raise PixelrayError("the model replica failed; retry shortly", 503, "replica_failed") from None
+                logger.warning("a model replica died during a request (%s); sending it again", type(e).__name__)
+            except PixelrayError as e:  # raised in the replica: Ray's wrapper keeps the original as its cause
+                cause = e.cause if isinstance(e, RayTaskError) else e
+                raise PixelrayError(cause.message, cause.status, cause.code) from None
+            except ValueError as e:
+                raise PixelrayError(f"the model refused the input: {e}", 400, "model_input") from None
+        raise AssertionError("unreachable")
+
+
+def current(request: Request) -> Server:
+    """The routes' dependency: the Server of the ingress replica that received the request."""
+    return request.app.state.server

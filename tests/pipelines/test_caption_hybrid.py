@@ -1,0 +1,109 @@
+"""`pixelray caption` with a hybrid model: against pixelray's own /v1, against `mlx_vlm.server`, and
+with the LLM server killed mid-job."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+from PIL import Image
+
+from pixelray.hybrid import HybridPixelLLM, LMStudioConfig, check_lm_studio_available
+from pixelray.pipelines.caption import CaptionConfig, run_caption
+from pixelray.testing import free_port
+from pixelray.testing.images import random_images, write_folder
+from pixelray.testing.tiny_mlx import save_in_subprocess
+
+
+def test_caption_job_with_the_hybrid(llm_app, tiny_clip, tmp_path):
+    images = Path(__file__).resolve().parents[2] / "examples" / "shapes" / "images"
+    result = run_caption(CaptionConfig(input=str(images), out=str(tmp_path / "ok"), model=llm_app["hybrid"],
+                                       generation={"max_new_tokens": 8}, batch_size=4))
+    rows = sorted(pq.read_table(tmp_path / "ok" / "captions").to_pylist(), key=lambda r: r["path"])
+    assert (result.written, result.errors, len(rows)) == (8, 0, 8)
+    # the same captions as the library gives, image by image
+    hybrid = HybridPixelLLM({"encoder": str(tiny_clip), "device": "cpu",
+                             "llm": {"base_url": llm_app["v1"], "model": "tiny-llm", "temperature": 0,
+                                     "max_tokens": 8}})
+    expected = hybrid.generate_batch([Image.open(r["path"]).convert("RGB") for r in rows])
+    assert [r["caption"] for r in rows] == expected
+
+    down = f"hybrid:{tiny_clip}?url=http://127.0.0.1:{free_port()}/v1&model=m&max_retries=1"
+    result = run_caption(CaptionConfig(input=str(images), out=str(tmp_path / "down"), model=down, batch_size=4))
+    errors = pq.read_table(tmp_path / "down" / "errors").to_pylist()
+    assert (result.written, result.errors, len(errors)) == (0, 8, 8)
+    assert all(e["error_type"] == "generation" and "cannot be reached" in e["error"] for e in errors)
+
+
+
+# --- against mlx_vlm.server, and a server stopped mid-batch ----------------------------------------
+
+
+@pytest.mark.slow
+def test_mlx_vlm_server_and_a_server_killed_mid_batch(ray_address, tiny_clip, tmp_path):
+    """The hybrid's LLM is `python -m mlx_vlm.server` (mlx-vlm's CPU build) serving a tiny local
+    Qwen2-VL; then a caption job runs against it and the server is killed after a few answers: the
+    answered images keep their captions, the rest become error rows, and the job ends normally."""
+    import pyarrow.parquet as pq
+
+    from pixelray.pipelines.caption import CaptionConfig, run_caption
+
+    model = save_in_subprocess(tmp_path / "mlx-model")
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/v1"
+    log = tmp_path / "mlx-server.log"
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "mlx_vlm.server", "--host", "127.0.0.1", "--port", str(port),
+                                 "--model", str(model)], stdout=out, stderr=subprocess.STDOUT,
+                                env={**os.environ, "HF_HUB_OFFLINE": "1"}, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not check_lm_studio_available(LMStudioConfig(base_url=url), timeout=2):
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
+            time.sleep(0.5)
+        hybrid = HybridPixelLLM({"encoder": str(tiny_clip), "device": "cpu",
+                                 "llm": {"base_url": url, "temperature": 0, "max_tokens": 8}})
+        assert hybrid.client.model() == str(model)  # no model named: the one the server lists
+        captions = hybrid.generate_batch(random_images(3))
+        assert all(isinstance(c, str) for c in captions), captions
+        hybrid.close()
+
+        folder = tmp_path / "imgs"
+        write_folder(folder, 24, bad=False)
+        source = f"hybrid:{tiny_clip}?url={url}&max_concurrency=1&max_retries=1&timeout=20"
+        killed = threading.Event()
+
+        def kill_after_three_answers():  # the job runs in this test's thread; this one only watches the log
+            deadline = time.monotonic() + 180
+            while time.monotonic() < deadline and log.read_text().count("POST /v1/chat/completions") < 3 + 3:
+                time.sleep(0.05)  # (3 requests came from generate_batch above)
+            os.killpg(proc.pid, signal.SIGKILL)
+            killed.set()
+
+        threading.Thread(target=kill_after_three_answers, daemon=True).start()
+        # one generator actor: the Serve app of the tests above still holds some of the 2 CPUs
+        result = run_caption(CaptionConfig(input=str(folder), out=str(tmp_path / "out"), model=source,
+                                           generation={"max_new_tokens": 48}, batch_size=4, num_generators=1))
+        assert killed.wait(timeout=5), "the job ended before the server was killed"
+        proc.wait(timeout=30)
+        rows = pq.read_table(tmp_path / "out" / "captions").num_rows
+        errors = pq.read_table(tmp_path / "out" / "errors").to_pylist()
+        # the third answer may be cut off by the kill (the server logs a request as its answer starts)
+        assert rows >= 2 and errors and rows + len(errors) == 24
+        assert (result.written, result.errors) == (rows, len(errors))
+        assert all("cannot be reached" in e["error"] for e in errors), errors[0]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=30)
+    with pytest.raises(ConnectionRefusedError):  # nothing listens there any more
+        socket.create_connection(("127.0.0.1", port), timeout=5).close()
+
