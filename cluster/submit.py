@@ -51,10 +51,10 @@ def shipped_path(path: str, what: str, cwd: Path) -> str:
     local = (cwd / path).resolve()
     if not local.exists():
         raise PixelrayError(f"{what} {path!r} does not exist here (a relative path must be inside the project, "
-                         f"which ships with the job; use a URI or an absolute path on the cluster otherwise)")
+                            f"which ships with the job; use a URI or an absolute path on the cluster otherwise)")
     if not local.is_relative_to(PROJECT):
         raise PixelrayError(f"{what} {path!r} is outside the project ({PROJECT}) and would not ship with the job: "
-                         f"put it on storage the cluster reads (s3://..., a shared mount) and give that path")
+                            f"put it on storage the cluster reads (s3://..., a shared mount) and give that path")
     return str(local.relative_to(PROJECT))
 
 
@@ -64,7 +64,7 @@ def check_output(path: str, what: str, uri_ok: bool = True) -> None:
         return
     where = "a URI (s3://, gs://, ...) or an absolute path" if uri_ok else "an absolute path"
     raise PixelrayError(f"{what} {path!r} would be written inside the job's temporary copy of the project on the "
-                     f"cluster and lost: give {where} on storage every node writes to and you can read")
+                        f"cluster and lost: give {where} on storage every node writes to and you can read")
 
 
 def job_command(job: str, argv: list[str], args: argparse.Namespace, cwd: Path | None = None) -> list[str]:
@@ -120,7 +120,8 @@ def client(address: str | None):
 
 def submit(job: str, argv: list[str], args: argparse.Namespace, address: str | None = None,
            env_file: str | None = None, pip: bool = True, wait: bool = True, out=sys.stdout) -> int:
-    """Submit `pixelray JOB argv...` (`args`: its parse); with `wait`, follow its logs and return its exit status."""
+    """Submit `pixelray JOB argv...` (`args`: its parse); with `wait`, follow its logs and return its exit
+    status."""
     entrypoint = shlex.join(job_command(job, argv, args, Path.cwd()))
     jobs = client(address)
     submission_id = f"pixelray-{job}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}"

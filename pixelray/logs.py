@@ -1,6 +1,7 @@
 """How pixelray's log records reach a person: the library logs through `logging` (loggers under
-"pixelray"); the command line, and the worker code Ray runs for it, call `show_logs()` to print them
-on stderr as plain lines."""
+"pixelray"); the command line calls `show_logs()` to print them on stderr as plain lines. In Ray's
+workers, Ray forwards what they log to the driver: warnings everywhere, and INFO too from Ray Train
+workers, whose root logger Ray Train sets up."""
 
 from __future__ import annotations
 

@@ -69,37 +69,3 @@ def tiny_mlx(tmp_path_factory) -> Path:
     from pixelray.testing.tiny_mlx import save_in_subprocess
 
     return save_in_subprocess(tmp_path_factory.mktemp("tiny-mlx"))
-
-
-@pytest.fixture(scope="module")
-def garbage_llm():
-    from pixelray.testing.llm_servers import FailingLLM
-
-    server = FailingLLM("no_choices")
-    yield server
-    server.shutdown()
-
-
-@pytest.fixture(scope="module")
-def llm_app(ray_address, tiny_text_llm, tiny_clip, garbage_llm):
-    """One Serve app on 127.0.0.1: the tiny text LLM (`tiny-llm`), a hybrid whose LLM is that model
-    through the app's own /v1, and hybrids whose LLM server is down or answers garbage."""
-    from ray import serve
-
-    from pixelray.serve_apps.vlm import build_app
-    from pixelray.testing import free_port
-
-    port = free_port()
-    v1 = f"http://127.0.0.1:{port}/v1"
-    hybrid = f"hybrid:{tiny_clip}?url={v1}&model=tiny-llm&max_retries=1"
-    small = {"device": "cpu", "num_cpus": 0.1, "max_new_tokens": 16}
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app({"models": [
-        {"name": "tiny-llm", "source": str(tiny_text_llm), **small},
-        {"name": "hybrid", "source": hybrid, **small},
-        {"name": "hybrid-down", "source": f"hybrid:{tiny_clip}?url=http://127.0.0.1:{free_port()}/v1&model=m"
-                                          "&max_retries=1", **small},
-        {"name": "hybrid-garbage", "source": f"hybrid:{tiny_clip}?url={garbage_llm.url}&max_retries=1", **small},
-    ]}), name="hybrid", route_prefix="/")
-    yield {"url": f"http://127.0.0.1:{port}", "v1": v1, "hybrid": hybrid}
-    serve.shutdown()

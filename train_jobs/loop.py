@@ -20,7 +20,6 @@ import torch
 import torch.distributed as dist
 from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup
 
-from pixelray.logs import show_logs
 from pixelray.train_jobs.config import StageConfig, TrainConfig
 from pixelray.train_jobs.data import make_collator
 from pixelray.train_jobs.model import (apply_stage, export_model, load_model, param_groups, parameter_table,
@@ -45,7 +44,6 @@ def deepspeed_config(cfg: TrainConfig, stage: StageConfig, device: torch.device)
 def train_loop(loop_config: dict[str, Any]) -> None:
     import deepspeed
 
-    show_logs()  # this worker's records (rank 0's parameter table, a resume) reach the driver's terminal
     cfg = TrainConfig.model_validate(loop_config["config"])
     stage = cfg.stages[loop_config["stage"]]
     init_from, total_steps, steps_per_epoch = (loop_config[k] for k in ("init_from", "total_steps", "steps_per_epoch"))

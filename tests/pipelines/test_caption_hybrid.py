@@ -23,15 +23,31 @@ from pixelray.testing.images import random_images, write_folder
 from pixelray.testing.tiny_mlx import save_in_subprocess
 
 
-def test_caption_job_with_the_hybrid(llm_app, tiny_clip, tmp_path):
+@pytest.fixture(scope="module")
+def llm_v1(ray_address, tiny_text_llm):
+    """pixelray's own /v1 on 127.0.0.1 serving the tiny text LLM as `tiny-llm`: the hybrid's LLM server."""
+    from ray import serve
+
+    from pixelray.serve_apps.vlm import build_app
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app({"models": [{"name": "tiny-llm", "source": str(tiny_text_llm), "device": "cpu",
+                                     "num_cpus": 0.1, "max_new_tokens": 16}]}), name="llm", route_prefix="/")
+    yield f"http://127.0.0.1:{port}/v1"
+    serve.shutdown()
+
+
+def test_caption_job_with_the_hybrid(llm_v1, tiny_clip, tmp_path):
     images = Path(__file__).resolve().parents[2] / "examples" / "shapes" / "images"
-    result = run_caption(CaptionConfig(input=str(images), out=str(tmp_path / "ok"), model=llm_app["hybrid"],
+    result = run_caption(CaptionConfig(input=str(images), out=str(tmp_path / "ok"),
+                                       model=f"hybrid:{tiny_clip}?url={llm_v1}&model=tiny-llm&max_retries=1",
                                        generation={"max_new_tokens": 8}, batch_size=4))
     rows = sorted(pq.read_table(tmp_path / "ok" / "captions").to_pylist(), key=lambda r: r["path"])
     assert (result.written, result.errors, len(rows)) == (8, 0, 8)
     # the same captions as the library gives, image by image
     hybrid = HybridPixelLLM({"encoder": str(tiny_clip), "device": "cpu",
-                             "llm": {"base_url": llm_app["v1"], "model": "tiny-llm", "temperature": 0,
+                             "llm": {"base_url": llm_v1, "model": "tiny-llm", "temperature": 0,
                                      "max_tokens": 8}})
     expected = hybrid.generate_batch([Image.open(r["path"]).convert("RGB") for r in rows])
     assert [r["caption"] for r in rows] == expected
@@ -41,7 +57,6 @@ def test_caption_job_with_the_hybrid(llm_app, tiny_clip, tmp_path):
     errors = pq.read_table(tmp_path / "down" / "errors").to_pylist()
     assert (result.written, result.errors, len(errors)) == (0, 8, 8)
     assert all(e["error_type"] == "generation" and "cannot be reached" in e["error"] for e in errors)
-
 
 
 # --- against mlx_vlm.server, and a server stopped mid-batch ----------------------------------------
