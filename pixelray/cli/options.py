@@ -85,5 +85,5 @@ class ConfigOptions:
             node[name] = value
         return values
 
-    def build(self, args: argparse.Namespace, **settings: Any) -> BaseModel:
-        return self.model.model_validate({**self.given(args), **settings})
+    def build(self, args: argparse.Namespace) -> BaseModel:
+        return self.model.model_validate(self.given(args))

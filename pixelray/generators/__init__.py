@@ -86,10 +86,8 @@ def resolve_generator(name: str) -> GeneratorSpec:
 
 def _folder_backend(model_type: str | None) -> str:
     """pixelray for the project's model, text for a causal LM without vision, hf for the rest."""
-    from transformers.models.auto.modeling_auto import (
-        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
-        MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES,
-    )
+    from transformers.models.auto.modeling_auto import (MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+                                                        MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES)
 
     if model_type == "pixelray":
         return "pixelray"

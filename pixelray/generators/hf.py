@@ -25,9 +25,9 @@ class PretrainedGenerator(Generator):
     def __init__(self, model_class, processing_class, source: str, device: str, dtype: str,
                  quantization: str | None, name: str | None):
         self.name = name or source
-        self.model, self.processing, self.device, self.dtype = load_pretrained(
+        self.model, self.processor, self.device, self.dtype = load_pretrained(  # a processor or a tokenizer
             model_class, processing_class, source, device, dtype, quantization)
-        self.tokenizer = getattr(self.processing, "tokenizer", self.processing)
+        self.tokenizer = getattr(self.processor, "tokenizer", self.processor)
         self.tokenizer.padding_side = "left"
         self.end_ids, self.pad_id = end_and_pad_ids(self.model.generation_config, self.tokenizer)
 
@@ -44,7 +44,6 @@ class HFGenerator(PretrainedGenerator):
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
         super().__init__(AutoModelForImageTextToText, AutoProcessor, source, device, dtype, quantization, name)
-        self.processor = self.processing
         self.family = family(self.model.config.model_type)
 
     def prompts(self, conversations: list[list[Message]]) -> list[str]:

@@ -42,13 +42,8 @@ def save_tiny_open_clip(out: Path) -> Path:
 
 def save_tiny_dinov2(out: Path, registers: int = 0) -> Path:
     """A transformers DINOv2 folder (config.json, model.safetensors, preprocessor_config.json)."""
-    from transformers import (
-        BitImageProcessor,
-        Dinov2Config,
-        Dinov2Model,
-        Dinov2WithRegistersConfig,
-        Dinov2WithRegistersModel,
-    )
+    from transformers import (BitImageProcessor, Dinov2Config, Dinov2Model, Dinov2WithRegistersConfig,
+                              Dinov2WithRegistersModel)
 
     kw = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_ratio=2, image_size=32, patch_size=8)
     torch.manual_seed(0)

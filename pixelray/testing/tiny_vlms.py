@@ -83,14 +83,8 @@ LLAVA_CHAT = (
 def save_tiny_llava(out: Path, width: int = 32, layers: int = 2, image_size: int = 32, patch: int = 8) -> Path:
     """LLaVA-1.5 style: CLIP vision tower + Llama, `USER: <image>\\n... ASSISTANT:` prompts.
     Tiny by default; the caption benchmark asks for a wider, deeper one."""
-    from transformers import (
-        CLIPImageProcessor,
-        CLIPVisionConfig,
-        LlamaConfig,
-        LlavaConfig,
-        LlavaForConditionalGeneration,
-        LlavaProcessor,
-    )
+    from transformers import (CLIPImageProcessor, CLIPVisionConfig, LlamaConfig, LlavaConfig,
+                              LlavaForConditionalGeneration, LlavaProcessor)
 
     tok = _train_tokenizer(["<pad>", "<s>", "</s>", "<image>"], bos_token="<s>", eos_token="</s>",
                            pad_token="<pad>", add_bos_token=True, extra_special_tokens={"image_token": "<image>"})
@@ -128,13 +122,8 @@ QWEN_CHAT = (
 
 def save_tiny_qwen2_vl(out: Path) -> Path:
     """Qwen2-VL style: 14px patches merged 2x2, mrope, `<|im_start|>` chat; a 40x50 image -> 2 tokens."""
-    from transformers import (
-        Qwen2VLConfig,
-        Qwen2VLForConditionalGeneration,
-        Qwen2VLImageProcessor,
-        Qwen2VLProcessor,
-        Qwen2VLVideoProcessor,
-    )
+    from transformers import (Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor, Qwen2VLProcessor,
+                              Qwen2VLVideoProcessor)
 
     vision_tokens = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
     tok = _train_tokenizer(["<|endoftext|>", "<|im_start|>", "<|im_end|>", *vision_tokens],
@@ -170,15 +159,8 @@ SMOLVLM_CHAT = (
 
 def save_tiny_smolvlm(out: Path) -> Path:
     """SmolVLM style: one 32x32 tile (no splitting), pixel shuffle x2 -> 4 `<image>` tokens per image."""
-    from transformers import (
-        LlamaConfig,
-        SmolVLMConfig,
-        SmolVLMForConditionalGeneration,
-        SmolVLMImageProcessor,
-        SmolVLMProcessor,
-        SmolVLMVideoProcessor,
-        SmolVLMVisionConfig,
-    )
+    from transformers import (LlamaConfig, SmolVLMConfig, SmolVLMForConditionalGeneration, SmolVLMImageProcessor,
+                              SmolVLMProcessor, SmolVLMVideoProcessor, SmolVLMVisionConfig)
 
     grid = [f"<row_{r}_col_{c}>" for r in range(1, 7) for c in range(1, 7)]
     special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<fake_token_around_image>", "<image>",
@@ -208,14 +190,8 @@ def save_tiny_smolvlm(out: Path) -> Path:
 
 def save_tiny_paligemma(out: Path) -> Path:
     """PaliGemma style: Siglip + Gemma, 16 `<image>` tokens, `<bos>` after them, the 1,152 <loc>/<seg> tokens."""
-    from transformers import (
-        GemmaConfig,
-        PaliGemmaConfig,
-        PaliGemmaForConditionalGeneration,
-        PaliGemmaProcessor,
-        SiglipImageProcessor,
-        SiglipVisionConfig,
-    )
+    from transformers import (GemmaConfig, PaliGemmaConfig, PaliGemmaForConditionalGeneration, PaliGemmaProcessor,
+                              SiglipImageProcessor, SiglipVisionConfig)
 
     tok = _train_tokenizer(["<pad>", "<eos>", "<bos>", "<unk>", "<image>"], bos_token="<bos>", eos_token="<eos>",
                            pad_token="<pad>", unk_token="<unk>", extra_special_tokens={"image_token": "<image>"})
