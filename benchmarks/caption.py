@@ -1,17 +1,25 @@
-"""Captioning throughput: batched generation inside `pixelray caption` vs one image at a time.
+"""Captioning throughput by engine: transformers one image at a time, transformers in static batches, and vLLM
+(continuous batching), on the same model and images, then `pixelray caption` end to end with each engine.
 
 Run as:
-    python benchmarks/caption.py [--num-images 64] [--batch-size 8] [--max-tokens 32]
+    python benchmarks/caption.py                                  # CPU: a small Qwen2-VL, 64 images
+    python benchmarks/caption.py --preset qwen2-vl-2b --num-images 1024 --batch-size 32 --job-images 0   # a GPU
 
-Same images, same model: a LLaVA-architecture model with random weights (width 512, 6 layers,
-224 px images -> 256 image tokens), saved to a folder and loaded through the real loading path.
-1. one at a time: a plain loop calling the generator on one image per call;
-2. batched, in process: the same generator on batches of --batch-size (the batching gain alone);
-3. pixelray caption: the Ray Data job with generator actors and the same batch size, timed from job
-   submission to the last file written (worker start-up and model loading included); it also runs
-   on half of the images, and the difference of the two runs gives the steady-state rate (a small
-   warm-up job runs first, so that neither pays for Ray Data's one-off start of its helpers).
-Each prints images/s and generated tokens/s.
+The model is a Qwen2-VL with random weights (vLLM and transformers both serve that architecture), built from
+a config, saved to a folder and loaded through each engine's real loading code: `small` (width 512, 4 layers,
+heads of 64) for CPUs, or `qwen2-vl-2b` (Qwen2-VL-2B's sizes, bf16) for a GPU. Images are 224 px (64 image
+tokens each at the processor's max_pixels).
+
+Replies vary in length as real captions do: the end-of-sequence row of the output layer is aimed along the
+model's mean hidden state, scaled so that sampled replies of at most 64 tokens average EOS_EVERY; replies are sampled (temperature 1) and capped at --max-tokens. That is where
+continuous batching differs from static batches, which run until their longest reply ends.
+
+1. hf, one at a time: the hf backend on one image per call;
+2. hf, batched: the hf backend on batches of --batch-size (the project's batch jobs before vLLM);
+3. vllm: the vllm backend on all images in one call (as a batch job's actor hands it a whole block);
+4. `pixelray caption` with each engine, end to end (Ray start, actors, model load included), on --job-images.
+Each prints images/s, generated tokens/s and the mean reply length (the engines sample differently, so their
+lengths are compared too).
 """
 
 from __future__ import annotations
@@ -28,75 +36,158 @@ from PIL import Image
 
 from pixelray.generators import GenerationConfig, create_generator
 from pixelray.testing.images import make_images
-from pixelray.testing.tiny_vlms import save_tiny_llava
 
 PROMPT = "Describe the image."
+EOS_EVERY = 24  # a reply's expected length, before the cap
+PRESETS = {  # text: hidden, layers, heads, kv heads, MLP; vision: width, depth, heads
+    "small": dict(hidden=512, layers=4, heads=8, kv_heads=2, mlp=1024, vision=(128, 2, 2), dtype="fp32"),
+    "qwen2-vl-2b": dict(hidden=1536, layers=28, heads=12, kv_heads=2, mlp=8960, vision=(1280, 32, 16),
+                        dtype="bf16"),
+}
 
 
-def loop(gen, images: list[Image.Image], cfg: GenerationConfig, batch: int) -> tuple[float, float]:
-    gen.generate(images[:batch], PROMPT, cfg)  # warm-up
+def save_model(out: Path, preset: dict) -> Path:
+    """A random Qwen2-VL of the preset's sizes, with the tiny test tokenizer, saved as transformers saves one."""
+    from transformers import (Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor,
+                              Qwen2VLProcessor, Qwen2VLVideoProcessor)
+
+    from pixelray.testing.tiny_vlms import QWEN_CHAT, save_folder, save_tiny_qwen2_vl
+
+    tiny = Qwen2VLProcessor.from_pretrained(save_tiny_qwen2_vl(out / "tokenizer"))
+    tok = tiny.tokenizer
+    ids = {t: tok.convert_tokens_to_ids(t) for t in ["<|endoftext|>", "<|vision_start|>", "<|vision_end|>",
+                                                      "<|image_pad|>", "<|video_pad|>"]}
+    half_head = preset["hidden"] // preset["heads"] // 2
+    temporal = half_head // 4
+    height = (half_head - temporal) // 2
+    text = dict(hidden_size=preset["hidden"], intermediate_size=preset["mlp"], num_hidden_layers=preset["layers"],
+                num_attention_heads=preset["heads"], num_key_value_heads=preset["kv_heads"], vocab_size=len(tok),
+                max_position_embeddings=4096, bos_token_id=ids["<|endoftext|>"], eos_token_id=tok.eos_token_id,
+                pad_token_id=tok.pad_token_id,
+                rope_parameters={"rope_type": "default", "rope_theta": 1e6,
+                                 "mrope_section": [temporal, height, half_head - temporal - height]})
+    width, depth, vision_heads = preset["vision"]
+    vision = dict(depth=depth, embed_dim=width, hidden_size=preset["hidden"], num_heads=vision_heads, mlp_ratio=4,
+                  patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
+    config = Qwen2VLConfig(text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
+                           video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
+                           vision_end_token_id=ids["<|vision_end|>"])
+    torch.manual_seed(0)
+    model = Qwen2VLForConditionalGeneration(config)
+    pixels = dict(min_pixels=56 * 56, max_pixels=224 * 224, patch_size=14, temporal_patch_size=2, merge_size=2)
+    processor = Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(**pixels), tokenizer=tok,
+                                 video_processor=Qwen2VLVideoProcessor(**pixels), chat_template=QWEN_CHAT)
+    aim_end_of_sequence(model, processor, tok.eos_token_id)
+    if preset["dtype"] == "bf16":
+        model = model.to(torch.bfloat16)
+    return save_folder(model, processor, out / "model", [tok.eos_token_id], tok.pad_token_id, ids["<|endoftext|>"])
+
+
+@torch.no_grad()
+def aim_end_of_sequence(model, processor, eos: int) -> None:
+    """Set the eos row of the output layer to s * (the model's mean final hidden state, as a unit vector), with
+    s found by bisection so that sampled replies (temperature 1, at most 64 tokens) average EOS_EVERY tokens."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    model.to(device)
+    images = [Image.open(p).convert("RGB") for p in make_images(Path(tempfile.mkdtemp()), 8)]
+    text = processor.apply_chat_template([{"role": "user", "content": [{"type": "image"},
+                                                                       {"type": "text", "text": PROMPT}]}],
+                                         add_generation_prompt=True)
+    inputs = processor(text=[text] * len(images), images=images, return_tensors="pt").to(device)
+    hidden = model(**inputs, output_hidden_states=True).hidden_states[-1].flatten(0, 1)
+    hidden = model.model.language_model.norm(hidden)  # as the output layer sees them (a no-op if normed already)
+    direction = hidden.mean(0) / hidden.mean(0).norm()
+
+    def mean_length(scale: float) -> float:
+        model.lm_head.weight[eos] = scale * direction
+        torch.manual_seed(0)
+        new = model.generate(**inputs, do_sample=True, temperature=1.0, top_p=1.0, top_k=0, max_new_tokens=64,
+                             eos_token_id=eos, pad_token_id=eos)[:, inputs["input_ids"].shape[1]:]
+        ended = (new == eos).int()
+        return torch.where(ended.any(1), ended.argmax(1), torch.full_like(ended[:, 0], 64)).float().mean().item()
+
+    low, high = 0.0, 64.0  # mean length falls as the scale grows
+    for _ in range(12):
+        scale = (low + high) / 2
+        low, high = (scale, high) if mean_length(scale) > EOS_EVERY else (low, scale)
+    model.lm_head.weight[eos] = (low + high) / 2 * direction
+    model.to("cpu")
+
+
+def timed(generate, images: list[Image.Image], batch: int, cfg: GenerationConfig) -> tuple[float, float, float]:
+    """(images/s, tokens/s, mean reply length)."""
+    generate(images[:batch], cfg)  # warm-up
+    torch.manual_seed(0)  # the hf backend samples with torch's generator; vLLM with its own
     tokens, began = 0, time.perf_counter()
     for i in range(0, len(images), batch):
-        tokens += sum(r.num_tokens for r in gen.generate(images[i:i + batch], PROMPT, cfg))
+        tokens += sum(r.num_tokens for r in generate(images[i:i + batch], cfg))
     seconds = time.perf_counter() - began
-    return len(images) / seconds, tokens / seconds
+    return len(images) / seconds, tokens / seconds, tokens / len(images)
+
+
+def report(name: str, figures: tuple[float, float, float]) -> None:
+    print(f"{name:28s} {figures[0]:8.2f} images/s {figures[1]:9.1f} tokens/s  {figures[2]:5.1f} tokens/reply",
+          flush=True)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--num-images", type=int, default=96)
+    parser.add_argument("--preset", choices=PRESETS, default="small")
+    parser.add_argument("--num-images", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=8)
-    parser.add_argument("--max-tokens", type=int, default=48)
+    parser.add_argument("--max-tokens", type=int, default=64)
+    parser.add_argument("--single-images", type=int, default=16, help="images for the one-at-a-time run")
+    parser.add_argument("--job-images", type=int, default=64, help="images for the `pixelray caption` runs (0: none)")
     args = parser.parse_args()
-
-    import ray
-
-    from pixelray.pipelines.caption import CaptionConfig, run_caption
+    preset = PRESETS[args.preset]
+    cfg = GenerationConfig(max_new_tokens=args.max_tokens, temperature=1.0)  # no seed: one would tie the replies
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         paths = make_images(work / "images", args.num_images)
-        model = save_tiny_llava(work / "model", width=512, layers=6, image_size=224, patch=14)
-        cfg = GenerationConfig(max_new_tokens=args.max_tokens)
-        gen = create_generator(str(model), device="auto")
-        params = sum(p.numel() for p in gen.model.parameters()) / 1e6
-        print(f"{len(paths)} images, LLaVA-architecture model {params:.1f}M parameters (random), "
-              f"max {args.max_tokens} new tokens, {os.cpu_count()} CPUs, device {gen.device}, "
-              f"torch threads {torch.get_num_threads()}", flush=True)
         images = [Image.open(p).convert("RGB") for p in paths]
+        model = save_model(work, preset)
 
-        single = loop(gen, images, cfg, 1)
-        print(f"one at a time:          {single[0]:7.2f} images/s {single[1]:8.1f} tokens/s", flush=True)
-        batched = loop(gen, images, cfg, args.batch_size)
-        print(f"batched {args.batch_size:2d}, in process: {batched[0]:7.2f} images/s {batched[1]:8.1f} tokens/s",
+        hf = create_generator(f"hf:{model}", dtype=preset["dtype"])
+        params = sum(p.numel() for p in hf.model.parameters()) / 1e6
+        print(f"{len(images)} images, Qwen2-VL architecture ({args.preset}, {params:.0f}M parameters, random, "
+              f"{preset['dtype']}), sampled replies of about {EOS_EVERY} tokens capped at {args.max_tokens}, "
+              f"{os.cpu_count()} CPUs, device {hf.device}", flush=True)
+        def captioner(generator):
+            return lambda batch, config: generator.generate(batch, PROMPT, config)
+
+        single = timed(captioner(hf), images[: args.single_images], 1, cfg)
+        report("hf, one at a time", single)
+        batched = timed(captioner(hf), images, args.batch_size, cfg)
+        report(f"hf, batches of {args.batch_size}", batched)
+        hf = None  # its memory goes back before vLLM takes its own
+
+        vllm = create_generator(f"vllm:{model}?max_model_len=1024", dtype=preset["dtype"])
+        continuous = timed(captioner(vllm), images, len(images), cfg)
+        report("vllm, one call", continuous)
+        vllm.close()
+        print(f"vllm / hf batched: {continuous[1] / batched[1]:.2f}x tokens/s, {continuous[0] / batched[0]:.2f}x "
+              f"images/s (target >= 2x); hf batched / one at a time: {batched[0] / single[0]:.2f}x images/s",
               flush=True)
-        del gen
 
-        ray.init(log_to_driver=False)
+        if args.job_images:
+            import ray
 
-        def caption(images_dir: Path, out: str):
-            summary = run_caption(CaptionConfig(input=str(images_dir), out=str(work / out), model=str(model),
-                                                generation={"max_new_tokens": args.max_tokens},
-                                                batch_size=args.batch_size))
-            return summary, pq.read_table(work / out / "captions")["num_tokens"].to_numpy().sum()
+            from pixelray.pipelines.caption import CaptionConfig, run_caption
 
-        for name, subset in (("warm", paths[:8]), ("half", paths[: len(paths) // 2])):
-            (work / name).mkdir()
-            for p in subset:
-                (work / name / p.name).symlink_to(p)
-        caption(work / "warm", "captions-warm")  # Ray Data's first job starts its own helpers: not counted
-        half, half_tokens = caption(work / "half", "captions-half")
-        full, tokens = caption(work / "images", "captions")
-        ray.shutdown()
-        print(full)
-        seconds = full.seconds - half.seconds
-        steady = ((full.written - half.written) / seconds, (tokens - half_tokens) / seconds)
-        print(f"pixelray caption, end to end: {full.images_per_s:7.2f} images/s {tokens / full.seconds:8.1f} "
-              f"tokens/s  ({full.seconds:.1f} s)")
-        print(f"pixelray caption, steady:     {steady[0]:7.2f} images/s {steady[1]:8.1f} tokens/s")
-        print(f"batching gain over one at a time: in process {batched[0] / single[0]:.2f}x, pixelray caption "
-              f"end to end {full.images_per_s / single[0]:.2f}x, steady {steady[0] / single[0]:.2f}x "
-              f"(target >= 2x at batch 8)")
+            (work / "job").mkdir()
+            for p in paths[: args.job_images]:
+                (work / "job" / p.name).symlink_to(p)
+            ray.init(log_to_driver=False)
+            for engine, name in (("hf", f"hf:{model}"), ("vllm", f"vllm:{model}?max_model_len=1024")):
+                summary = run_caption(CaptionConfig(input=str(work / "job"), out=str(work / f"job-{engine}"),
+                                                    model=name, dtype=preset["dtype"], generation=cfg.model_dump()))
+                tokens = pq.read_table(work / f"job-{engine}" / "captions")["num_tokens"].to_numpy().sum()
+                print(f"pixelray caption, {engine:4s} end to end: {summary.images_per_s:8.2f} images/s "
+                      f"{tokens / summary.seconds:9.1f} tokens/s  ({summary.written} images in "
+                      f"{summary.seconds:.1f} s, start-up included)", flush=True)
+            ray.shutdown()
+
 
 if __name__ == "__main__":
     main()

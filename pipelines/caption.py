@@ -19,7 +19,8 @@ import torch
 from PIL import Image
 
 from pixelray.generators import (GenerationConfig, GeneratorSpec, check_loadable, create_generator,
-                                 resolve_generator, user_turn)
+                                 resolve_generator, user_turn, with_setting)
+from pixelray.errors import PixelrayError
 from pixelray.images import ImageLimits
 from pixelray.pipelines.config import CaptionConfig
 from pixelray.pipelines.decode import decode_rows, error_columns
@@ -92,6 +93,12 @@ class CaptionActor:
 
 def run_caption(cfg: CaptionConfig) -> JobSummary:
     spec = resolve_generator(cfg.model)
+    if cfg.tensor_parallel_size > 1:
+        if spec.backend != "vllm":
+            raise PixelrayError("--tensor-parallel-size is for the vllm engine: use --model vllm:HUB_ID_OR_DIR or a "
+                                "*-vllm registry name")
+        spec = spec.model_copy(update={"source": with_setting(spec.source, "tensor_parallel_size",
+                                                              cfg.tensor_parallel_size)})
     check_loadable(spec)  # a missing model fails before any image is read
     if cfg.questions:
         source = resolve_questions(cfg.questions)
@@ -104,16 +111,17 @@ def run_caption(cfg: CaptionConfig) -> JobSummary:
         raise ValueError("questions need image files (a folder, glob, list or questions file), not shards")
     store, done = open_store(cfg.out, "captions", cfg.manifest(spec), resume=cfg.resume, overwrite=cfg.overwrite,
                              key="item_id" if vqa else "image_id")
-    rows_per_block = 4 * cfg.batch_size
+    batch_size = cfg.model_batch_size(spec)
+    rows_per_block = 4 * batch_size
     plan = start(source, cfg.out, address=cfg.address, num_actors=cfg.num_generators, device=cfg.device,
-                 rows_per_block=rows_per_block, mlx=spec.backend == "mlx")
+                 rows_per_block=rows_per_block, mlx=spec.backend == "mlx", gpus_per_actor=cfg.tensor_parallel_size)
 
     ds = read_images(source, done, rows_per_block=rows_per_block)
-    ds = ds.map_batches(decode_for_generation, batch_size=cfg.batch_size, batch_format="numpy",
+    ds = ds.map_batches(decode_for_generation, batch_size=batch_size, batch_format="numpy",
                         fn_kwargs={"limits": cfg.limits, "max_side": cfg.max_side, "prompt": cfg.prompt},
                         num_cpus=cfg.decode_cpus)
     ds = ds.map_batches(
-        CaptionActor, batch_size=cfg.batch_size, batch_format="numpy",
+        CaptionActor, batch_size=batch_size, batch_format="numpy",
         fn_constructor_kwargs={"spec_json": spec.model_dump_json(), "device": cfg.device, "dtype": cfg.dtype,
                                "quantization": cfg.quantization,
                                "generation_json": cfg.generation.model_dump_json(),

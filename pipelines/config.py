@@ -15,6 +15,8 @@ from pixelray.images import FILE_LIMITS, ImageLimits
 if TYPE_CHECKING:
     from pixelray.encoders import EncoderSpec
 
+BATCH_SIZE = 8
+ENGINE_BATCH_SIZE = 256
 POOL_SIZE = ("default: one per GPU; on CPU-only nodes one single-threaded actor per core up to 8 cores, "
              "then one 4-thread actor per 4 cores")
 
@@ -28,7 +30,7 @@ class BatchConfig(BaseModel):
     input: str = Field(description="a folder, a glob, a list file (.txt, one path or URI per line), or Parquet/tar "
                                    "shards; any pyarrow filesystem URI (s3://, gs://, ...) works")
     out: str = Field(description="the store: an output directory or URI")
-    batch_size: int = Field(8, ge=1, description="images per model call")
+    batch_size: int = Field(BATCH_SIZE, ge=1, description="images per model call")
     resume: bool = Field(False, description="continue a store, skipping the items already in it")
     overwrite: bool = Field(False, description="replace an existing store")
     device: DeviceName = Field("auto", description="where the model runs")
@@ -76,9 +78,14 @@ class CaptionConfig(BatchConfig):
     question: str | None = Field(None, description="one question asked of every image (VQA)")
     questions: str | None = Field(None, description="JSON lines or Parquet file of {image, question} rows (VQA, "
                                                     "one answer per row)")
+    batch_size: int | None = Field(None, ge=1, description=f"images per model call (default: {BATCH_SIZE}; "
+                                                           f"{ENGINE_BATCH_SIZE} for the vllm engine, whose scheduler "
+                                                           "keeps its running batch full from them)")
     generation: GenerationConfig = GenerationConfig()
     quantization: QuantizationName | None = Field(None, description="bitsandbytes (CUDA only)")
     num_generators: int | None = Field(None, ge=1, description=f"generator actors; {POOL_SIZE}")
+    tensor_parallel_size: int = Field(1, ge=1, description="vllm engine: the GPUs of one node each model actor "
+                                                           "splits the model over (and reserves)")
     max_side: int = Field(2048, ge=16)  # larger images are downscaled before they travel to the actors
 
     @model_validator(mode="after")
@@ -88,6 +95,9 @@ class CaptionConfig(BatchConfig):
         if self.questions is None and self.input is None:
             raise ValueError("INPUT is required unless --questions names the images")
         return self
+
+    def model_batch_size(self, spec: GeneratorSpec) -> int:
+        return self.batch_size or (ENGINE_BATCH_SIZE if spec.backend == "vllm" else BATCH_SIZE)
 
     def manifest(self, spec: GeneratorSpec) -> dict:
         """What must not change between a run and its resume."""

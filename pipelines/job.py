@@ -53,8 +53,9 @@ def open_store(out: str, table: str, manifest: dict[str, Any], *, resume: bool, 
 
 
 def start(source: Source, out: str, *, address: str | None, num_actors: int | None, device: str,
-          rows_per_block: int, mlx: bool = False) -> PoolPlan:
-    """Join or start Ray, then size the model actor pool for this input (on the MLX nodes for `mlx`)."""
+          rows_per_block: int, mlx: bool = False, gpus_per_actor: int = 1) -> PoolPlan:
+    """Join or start Ray, then size the model actor pool for this input (on the MLX nodes for `mlx`; each
+    actor on `gpus_per_actor` GPUs where there are GPUs)."""
     if source.skipped_files:
         logger.warning("note: ignored %d non-image files", source.skipped_files)
     init_ray(address)
@@ -63,7 +64,7 @@ def start(source: Source, out: str, *, address: str | None, num_actors: int | No
         logger.warning("note: %d nodes write to %s; it must be shared storage (NFS) on every node, or use a URI "
                        "such as s3://bucket/path", nodes, out)
     blocks = len(source) if source.kind != "files" else -(-len(source) // rows_per_block)
-    return plan_pool(num_actors, device, resources, nodes, max_useful=blocks, mlx=mlx)
+    return plan_pool(num_actors, device, resources, nodes, max_useful=blocks, mlx=mlx, gpus_per_actor=gpus_per_actor)
 
 
 def write(ds: ray.data.Dataset, store: Store, rows_per_file: int, *, job: str, verb: str,

@@ -83,8 +83,10 @@ class PoolPlan:
 
 
 def plan_pool(num_actors: int | None, device: str, resources: dict[str, float], nodes: int = 1,
-              max_useful: int | None = None, cpus_per_actor: float = 0.5, mlx: bool = False) -> PoolPlan:
-    """GPUs present (and not forced to cpu): one actor per GPU. Never more actors than
+              max_useful: int | None = None, cpus_per_actor: float = 0.5, mlx: bool = False,
+              gpus_per_actor: int = 1) -> PoolPlan:
+    """GPUs present (and not forced to cpu): one actor per GPU (per `gpus_per_actor` GPUs, for a model
+    split over several by tensor parallelism, which then needs that many). Never more actors than
     `max_useful` (the number of input blocks), since an idle actor still loads a model.
 
     `mlx` (an MLX model): one actor per unit of the `mlx` resource, on the MLX nodes only.
@@ -103,6 +105,13 @@ def plan_pool(num_actors: int | None, device: str, resources: dict[str, float], 
         return PoolPlan(size=size, num_gpus=0.0, num_cpus=cpus_per_actor, torch_threads=0,
                         resources={MLX_RESOURCE: min(1.0, units / size)}, label_selector={})
     gpus = int(resources.get("GPU", 0))
+    if gpus_per_actor > 1:
+        if gpus < gpus_per_actor or device not in ("auto", "cuda"):
+            raise PixelrayError(f"a model split over {gpus_per_actor} GPUs needs that many; the Ray cluster has "
+                                f"{gpus}" + ("" if device in ("auto", "cuda") else f" and --device is {device}"),
+                                code="no_gpu")
+        size = capped(min(num_actors or gpus // gpus_per_actor, gpus // gpus_per_actor))
+        return PoolPlan(size=size, num_gpus=float(gpus_per_actor), num_cpus=1.0, torch_threads=0)
     if gpus and device in ("auto", "cuda"):
         size = capped(num_actors or gpus)
         return PoolPlan(size=size, num_gpus=1.0 if size <= gpus else gpus / size, num_cpus=1.0,

@@ -22,6 +22,7 @@ from ray.serve import Application
 
 from pixelray.runtime import MLX_RESOURCE, NOT_MLX, mlx_units
 from pixelray.serve_apps.ingress import Ingress
+from pixelray.serve_apps.engine import VLLMModel
 from pixelray.serve_apps.model import VLMModel
 from pixelray.serve_apps.settings import AppArgs, ModelArgs
 
@@ -39,12 +40,14 @@ def model_deployment(m: ModelArgs) -> Application:
                    "upscale_delay_s": m.upscale_delay_s, "downscale_delay_s": m.downscale_delay_s}
     # an MLX model's replicas run on the MLX nodes only (the `mlx` resource); the others never do
     placement = {"resources": {MLX_RESOURCE: m.mlx_units}} if m.backend == "mlx" else {"label_selector": NOT_MLX}
-    return VLMModel.options(
-        name=deployment_name(m.name), autoscaling_config=autoscaling,
-        max_ongoing_requests=m.max_ongoing_requests, max_queued_requests=m.max_queued_requests,
-        ray_actor_options={"num_cpus": m.num_cpus, "num_gpus": m.num_gpus, **placement},
-    ).bind(m.source or m.name, device=m.device, dtype=m.dtype, max_batch_size=m.max_batch_size,
-           batch_wait_timeout_s=m.batch_wait_timeout_s)
+    options = dict(name=deployment_name(m.name), autoscaling_config=autoscaling,
+                   max_ongoing_requests=m.max_ongoing_requests, max_queued_requests=m.max_queued_requests,
+                   ray_actor_options={"num_cpus": m.num_cpus, "num_gpus": m.num_gpus, **placement})
+    if m.backend == "vllm":  # vLLM's engine batches continuously itself
+        return VLLMModel.options(**options).bind(m.source or m.name, dtype=m.dtype)
+    return VLMModel.options(**options).bind(m.source or m.name, device=m.device, dtype=m.dtype,
+                                            max_batch_size=m.max_batch_size,
+                                            batch_wait_timeout_s=m.batch_wait_timeout_s)
 
 
 def build_app(args: AppArgs) -> Application:

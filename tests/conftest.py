@@ -59,6 +59,12 @@ def tiny_llava(tiny_vlm_dirs) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_qwen2_vl_h128(tmp_path_factory) -> Path:
+    """A tiny Qwen2-VL with heads of 64: the smallest vLLM's CPU attention runs."""
+    return save_tiny_qwen2_vl(tmp_path_factory.mktemp("tiny-qwen2-vl-h128"), hidden=128)
+
+
+@pytest.fixture(scope="session")
 def tiny_text_llm(tmp_path_factory) -> Path:
     return save_tiny_text_llm(tmp_path_factory.mktemp("tiny-text-llm"))
 

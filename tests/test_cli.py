@@ -72,6 +72,11 @@ def test_missing_inputs_models_and_files(capsys, images, tmp_path, tiny_clip):
     assert "key=value arguments go with the app builder" in one_error_line(
         capsys, ["serve", "--config", "x.yaml", "models=a"])
     assert "needs a JOB id" in one_error_line(capsys, ["jobs", "logs"])
+    # the vllm engine's mistakes: a setting it does not have, tensor parallelism on another engine
+    assert "unknown setting 'max_imgs'" in one_error_line(
+        capsys, ["caption", str(images), *out, "--model", f"vllm:{tiny_clip}?max_imgs=2"])
+    assert "--tensor-parallel-size is for the vllm engine" in one_error_line(
+        capsys, ["caption", str(images), *out, "--tensor-parallel-size", "2"])
 
 
 def test_store_mistakes(capsys, ray_address, images, tmp_path, tiny_clip):

@@ -3,6 +3,7 @@
     gen = create_generator("smolvlm-256m")          # a registry name, hf:ID, a hub id or a directory
     gen = create_generator("hybrid:clip?url=http://localhost:1234/v1")   # encoder + LM Studio (pixelray.hybrid)
     gen = create_generator("mlx:mlx-community/Qwen2-VL-2B-Instruct-4bit")  # mlx-vlm, on the MLX node pool
+    gen = create_generator("vllm:Qwen/Qwen2-VL-2B-Instruct?max_images=2")   # vLLM's engine (pixelray.generators.vllm)
     gen.caption(image), gen.answer(image, question), gen.chat(message, image=image, history=history)
     gen.generate(images, "Describe the image.", GenerationConfig(max_new_tokens=32))   # full results
     gen.chat_batch(conversations, images_per_conversation)                          # what backends implement
@@ -16,6 +17,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 from typing import Literal
+from urllib.parse import parse_qsl, urlencode
 
 from pydantic import BaseModel, ConfigDict
 
@@ -23,7 +25,8 @@ from pixelray.generators.base import (DEFAULT_PROMPT, GenerationConfig, Generati
                                       user_turn)
 
 __all__ = ["DEFAULT_PROMPT", "GenerationConfig", "GenerationResult", "Generator", "Message", "user_turn",
-           "GeneratorSpec", "REGISTRY", "resolve_generator", "create_generator", "check_loadable", "list_generators"]
+           "GeneratorSpec", "REGISTRY", "resolve_generator", "create_generator", "check_loadable", "list_generators",
+           "with_setting"]
 
 # Models that ship inside the package (trained by train_jobs/, small enough to commit).
 BUNDLED = Path(__file__).resolve().parents[1] / "models"
@@ -48,6 +51,10 @@ _MODELS = {  # name: (backend, source, description)
     "hybrid": ("hybrid", "clip?url=http://localhost:1234/v1",
                "CLIP ViT-B/32 features summarised to text, captioned by LM Studio at localhost:1234"),
 }
+# The families vLLM serves run on either engine: NAME is transformers', NAME-vllm the same weights in vLLM.
+_VLLM_TWINS = ("llava-1.5-7b", "llava-v1.6-mistral-7b", "smolvlm", "smolvlm-256m", "qwen2-vl-2b", "qwen2.5-vl-3b",
+               "paligemma-3b")
+_MODELS |= {f"{name}-vllm": ("vllm", _MODELS[name][1], f"{_MODELS[name][2]}, in vLLM") for name in _VLLM_TWINS}
 REGISTRY: dict[str, dict[str, str]] = {name: dict(backend=backend, source=source, description=description)
                                        for name, (backend, source, description) in _MODELS.items()}
 
@@ -56,20 +63,21 @@ class GeneratorSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str
-    backend: Literal["hf", "pixelray", "text", "hybrid", "mlx"]
+    backend: Literal["hf", "pixelray", "text", "hybrid", "mlx", "vllm"]
     source: str
     description: str = ""
 
 
 def resolve_generator(name: str) -> GeneratorSpec:
     """A registry name, `hf:ID_OR_DIR`, `pixelray:DIR`, `text:ID_OR_DIR` (a text-only LLM), `mlx:ID_OR_DIR`,
+    `vllm:ID_OR_DIR[?key=value&...]` (see pixelray.generators.vllm.VLLMOptions),
     `hybrid[:ENCODER][?key=value&...]` (see pixelray.hybrid.HybridConfig.from_source), a local model
     directory (pixelray, text or hf by its config's model_type) or a hub id -> spec (nothing loaded)."""
     if name in REGISTRY:
         return GeneratorSpec(name=name, **REGISTRY[name])
     if name.startswith(("hybrid:", "hybrid?")):
         return GeneratorSpec(name=name, backend="hybrid", source=name[len("hybrid"):].removeprefix(":"))
-    if name.startswith(("hf:", "pixelray:", "text:", "mlx:")):
+    if name.startswith(("hf:", "pixelray:", "text:", "mlx:", "vllm:")):
         backend, source = name.split(":", 1)
         return GeneratorSpec(name=name, backend=backend, source=source)
     path = Path(name).expanduser()
@@ -81,7 +89,14 @@ def resolve_generator(name: str) -> GeneratorSpec:
     if name.count("/") == 1 and not name.startswith(("/", ".")):
         return GeneratorSpec(name=name, backend="hf", source=name)
     raise ValueError(f"unknown model {name!r}: use one of {', '.join(REGISTRY)}, hf:HUB_ID, text:HUB_ID, "
-                     "mlx:HUB_ID, hybrid:ENCODER?url=URL, a hub id (org/name) or a local model directory")
+                     "mlx:HUB_ID, vllm:HUB_ID, hybrid:ENCODER?url=URL, a hub id (org/name) or a local model directory")
+
+
+def with_setting(source: str, key: str, value) -> str:
+    """A model source with `key=value` set in its query string (`DIR?a=1` -> `DIR?a=1&key=value`)."""
+    base, _, query = source.partition("?")
+    settings = [(k, v) for k, v in parse_qsl(query, keep_blank_values=True) if k != key] + [(key, str(value))]
+    return f"{base}?{urlencode(settings)}"
 
 
 def _folder_backend(model_type: str | None) -> str:
@@ -100,7 +115,13 @@ def create_generator(name: str | GeneratorSpec, device: str = "auto", dtype: str
     spec = name if isinstance(name, GeneratorSpec) else resolve_generator(name)
     if quantization and spec.backend not in ("hf", "text"):
         raise ValueError(f"4/8-bit loading is for the hf and text backends, not {spec.backend}"
-                         + (" (MLX models come quantized: pick a 4-bit one)" if spec.backend == "mlx" else ""))
+                         + (" (MLX models come quantized: pick a 4-bit one)" if spec.backend == "mlx" else "")
+                         + (" (vLLM loads quantized checkpoints, AWQ or GPTQ, as they are)" if spec.backend == "vllm"
+                            else ""))
+    if spec.backend == "vllm":
+        from pixelray.generators.vllm import VLLMGenerator
+
+        return VLLMGenerator(spec.source, device=device, dtype=dtype, name=spec.name)
     if spec.backend == "mlx":
         from pixelray.generators.mlx import MLXGenerator
 
@@ -137,10 +158,15 @@ def check_loadable(spec: GeneratorSpec) -> None:
     import pixelray.vlm  # noqa: F401  (registers model_type "pixelray" with AutoConfig)
     from pixelray.hub import not_available
 
+    source = spec.source.partition("?")[0] if spec.backend == "vllm" else spec.source
+    if spec.backend == "vllm":
+        from pixelray.generators.vllm import VLLMOptions
+
+        VLLMOptions.from_source(spec.source)  # its settings are valid
     try:
-        AutoConfig.from_pretrained(spec.source)
+        AutoConfig.from_pretrained(source)
     except Exception as e:
-        raise not_available(spec.source, e) from None
+        raise not_available(source, e) from None
 
 
 def _check_hybrid(spec: GeneratorSpec) -> None:

@@ -64,6 +64,12 @@ def user_turn(prompt: str, with_image: bool = True) -> Message:
     return {"role": "user", "content": content}
 
 
+def reply_text(decoded: str) -> str:
+    """A reply's text as every backend gives it: without surrounding whitespace, nor a last character whose
+    bytes the token limit cut off (it decodes as U+FFFD)."""
+    return decoded.strip().rstrip("\ufffd").rstrip()
+
+
 def cut_at_stop(text: str, stop: list[str]) -> tuple[str, bool]:
     """Text up to the first stop string (which is dropped, as OpenAI-compatible servers do)."""
     cuts = [i for i in (text.find(s) for s in stop if s) if i >= 0]
@@ -108,7 +114,8 @@ def decoding_kwargs(config: GenerationConfig, pad_id: int | None, tokenizer) -> 
 
     kwargs: dict[str, Any] = dict(max_new_tokens=config.max_new_tokens, pad_token_id=pad_id)
     if config.temperature > 0:
-        kwargs.update(do_sample=True, temperature=config.temperature, top_p=config.top_p)
+        # nucleus sampling only, as OpenAI's API and vLLM have it (transformers would add its default top_k of 50)
+        kwargs.update(do_sample=True, temperature=config.temperature, top_p=config.top_p, top_k=0)
         if config.seed is not None:
             torch.manual_seed(config.seed)
     else:
@@ -144,7 +151,7 @@ def decode_result(tokens: list[int], tokenizer, end_ids: set[int], pad_id: int |
             tokens = tokens[:-1]
     text, stopped = cut_at_stop(tokenizer.decode(tokens, skip_special_tokens=True), config.stop)
     finish = "stop" if ended is not None or stopped or len(tokens) < config.max_new_tokens else "length"
-    return GenerationResult(text=text.strip(), num_tokens=len(tokens), finish_reason=finish,
+    return GenerationResult(text=reply_text(text), num_tokens=len(tokens), finish_reason=finish,
                             prompt_tokens=prompt_tokens)
 
 

@@ -12,9 +12,9 @@ import torch
 from PIL import Image
 
 from pixelray.device import resolve_device, resolve_dtype
-from pixelray.generators.base import (GenerationConfig, GenerationResult, Generator, Message, check_batch, count_images,
+from pixelray.generators.base import (GenerationConfig, GenerationResult, Generator, Message, check_batch,
                                       decode_results, decoding_kwargs, end_and_pad_ids)
-from pixelray.generators.families import family
+from pixelray.generators.families import chat_prompts, family
 from pixelray.hub import not_available
 
 
@@ -47,10 +47,7 @@ class HFGenerator(PretrainedGenerator):
         self.family = family(self.model.config.model_type)
 
     def prompts(self, conversations: list[list[Message]]) -> list[str]:
-        if not self.family.chat_template:  # PaliGemma: image tokens, then the plain prompt
-            image_token = getattr(self.processor, "image_token", "<image>")
-            return [image_token * count_images(c) + _last_user_text(c) for c in conversations]
-        return [self.processor.apply_chat_template(c, add_generation_prompt=True) for c in conversations]
+        return chat_prompts(self.processor, self.family, conversations)
 
     @torch.inference_mode()
     def chat_batch(self, conversations: list[list[Message]], images: list[list[Image.Image]],
@@ -80,13 +77,6 @@ def load_pretrained(model_class, processing_class, source: str, device: str, dty
     if not quantization:
         model.to(device)
     return model.eval(), processing, device, dtype
-
-
-def _last_user_text(conversation: list[Message]) -> str:
-    for message in reversed(conversation):
-        if message["role"] == "user":
-            return " ".join(c["text"] for c in message["content"] if c.get("type") == "text")
-    raise ValueError("a conversation needs at least one user message")
 
 
 def quantization_kwargs(bits: str, device: torch.device) -> dict:

@@ -19,7 +19,7 @@ from collections.abc import Iterator
 from PIL import Image
 from transformers.generation.streamers import BaseStreamer
 
-from pixelray.generators.base import GenerationConfig, GenerationResult, Generator, Message, cut_at_stop
+from pixelray.generators.base import GenerationConfig, GenerationResult, Generator, Message, cut_at_stop, reply_text
 
 _END = object()
 
@@ -66,8 +66,7 @@ def stream_reply(generator: Generator, conversation: list[Message], images: list
     for new in tokens:
         ids.extend(new)
         text, stopped = cut_at_stop(generator.tokenizer.decode(ids, skip_special_tokens=True).lstrip(), config.stop)
-        # the final text is stripped, and a character cut mid-way decodes as U+FFFD: hold both back
-        ready = (text if stopped else text[: len(text) - hold]).rstrip().rstrip("\ufffd")
+        ready = reply_text(text if stopped else text[: len(text) - hold])  # what may not end the reply waits
         if len(ready) > len(sent) and ready.startswith(sent):
             yield ready[len(sent):]
             sent = ready

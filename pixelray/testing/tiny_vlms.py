@@ -60,7 +60,7 @@ def _train_tokenizer(special: list[str], vocab_size: int = 400, **kwargs):
     return PreTrainedTokenizerFast(tokenizer_object=tok, **kwargs)
 
 
-def _save(model, processor, out: Path, eos_token_id, pad_token_id, bos_token_id=None) -> Path:
+def save_folder(model, processor, out: Path, eos_token_id, pad_token_id, bos_token_id=None) -> Path:
     """Write model, generation config and processor to `out`."""
     from transformers import GenerationConfig
 
@@ -103,7 +103,7 @@ def save_tiny_llava(out: Path, width: int = 32, layers: int = 2, image_size: int
                                          crop_size={"height": image_size, "width": image_size})
     proc = LlavaProcessor(image_processor, tok, patch_size=patch, num_additional_image_tokens=1,
                           vision_feature_select_strategy="default", chat_template=LLAVA_CHAT)
-    return _save(model, proc, out, tok.eos_token_id, tok.pad_token_id, tok.bos_token_id)
+    return save_folder(model, proc, out, tok.eos_token_id, tok.pad_token_id, tok.bos_token_id)
 
 
 QWEN_CHAT = (
@@ -120,8 +120,9 @@ QWEN_CHAT = (
 )
 
 
-def save_tiny_qwen2_vl(out: Path) -> Path:
-    """Qwen2-VL style: 14px patches merged 2x2, mrope, `<|im_start|>` chat; a 40x50 image -> 2 tokens."""
+def save_tiny_qwen2_vl(out: Path, hidden: int = 32) -> Path:
+    """Qwen2-VL style: 14px patches merged 2x2, mrope, `<|im_start|>` chat; a 40x50 image -> 2 tokens.
+    Two attention heads of hidden/2 each: vLLM's CPU attention needs a head size of 32, 64, 80, ... (hidden=128)."""
     from transformers import (Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor, Qwen2VLProcessor,
                               Qwen2VLVideoProcessor)
 
@@ -130,11 +131,15 @@ def save_tiny_qwen2_vl(out: Path) -> Path:
                            eos_token="<|im_end|>", pad_token="<|endoftext|>",
                            extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"})
     ids = {t: tok.convert_tokens_to_ids(t) for t in ["<|endoftext|>", *vision_tokens]}
-    text = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                num_key_value_heads=1, vocab_size=len(tok), max_position_embeddings=512,
-                rope_parameters={"rope_type": "default", "rope_theta": 1e6, "mrope_section": [2, 3, 3]},
+    half_head = hidden // 4  # mrope's sections (temporal, height, width) cover half of each head's size
+    temporal = half_head // 4
+    height = (half_head - temporal) // 2
+    text = dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2, num_attention_heads=2,
+                num_key_value_heads=1, vocab_size=len(tok), max_position_embeddings=4096,
+                rope_parameters={"rope_type": "default", "rope_theta": 1e6,
+                                 "mrope_section": [temporal, height, half_head - temporal - height]},
                 bos_token_id=ids["<|endoftext|>"], eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    vision = dict(depth=2, embed_dim=32, hidden_size=32, num_heads=2, mlp_ratio=2, patch_size=14,
+    vision = dict(depth=2, embed_dim=32, hidden_size=hidden, num_heads=2, mlp_ratio=2, patch_size=14,
                   spatial_merge_size=2, temporal_patch_size=2)
     cfg = Qwen2VLConfig(text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
                         video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
@@ -144,7 +149,7 @@ def save_tiny_qwen2_vl(out: Path) -> Path:
     pixels = dict(min_pixels=28 * 28, max_pixels=56 * 56, patch_size=14, temporal_patch_size=2, merge_size=2)
     proc = Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(**pixels), tokenizer=tok,
                             video_processor=Qwen2VLVideoProcessor(**pixels), chat_template=QWEN_CHAT)
-    return _save(model, proc, out, [tok.eos_token_id, ids["<|endoftext|>"]], tok.pad_token_id,
+    return save_folder(model, proc, out, [tok.eos_token_id, ids["<|endoftext|>"]], tok.pad_token_id,
                  ids["<|endoftext|>"])
 
 
@@ -157,8 +162,9 @@ SMOLVLM_CHAT = (
 )
 
 
-def save_tiny_smolvlm(out: Path) -> Path:
-    """SmolVLM style: one 32x32 tile (no splitting), pixel shuffle x2 -> 4 `<image>` tokens per image."""
+def save_tiny_smolvlm(out: Path, hidden: int = 32) -> Path:
+    """SmolVLM style: one 32x32 tile (no splitting), pixel shuffle x2 -> 4 `<image>` tokens per image; a text
+    model of two heads of hidden/2 (vLLM's CPU attention takes hidden=128)."""
     from transformers import (LlamaConfig, SmolVLMConfig, SmolVLMForConditionalGeneration, SmolVLMImageProcessor,
                               SmolVLMProcessor, SmolVLMVideoProcessor, SmolVLMVisionConfig)
 
@@ -174,7 +180,7 @@ def save_tiny_smolvlm(out: Path) -> Path:
     image_size, patch, scale = 32, 8, 2
     vc = SmolVLMVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                              image_size=image_size, patch_size=patch)
-    tc = LlamaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+    tc = LlamaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2, num_attention_heads=2,
                      num_key_value_heads=2, vocab_size=len(tok), max_position_embeddings=512,
                      pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
     cfg = SmolVLMConfig(vision_config=vc, text_config=tc, scale_factor=scale,
@@ -185,30 +191,32 @@ def save_tiny_smolvlm(out: Path) -> Path:
     proc = SmolVLMProcessor(SmolVLMImageProcessor(do_image_splitting=False, **sizes), tok,
                             SmolVLMVideoProcessor(do_image_splitting=False, **sizes),
                             image_seq_len=(image_size // patch) ** 2 // scale**2, chat_template=SMOLVLM_CHAT)
-    return _save(model, proc, out, tok.eos_token_id, tok.pad_token_id, tok.bos_token_id)
+    return save_folder(model, proc, out, tok.eos_token_id, tok.pad_token_id, tok.bos_token_id)
 
 
-def save_tiny_paligemma(out: Path) -> Path:
-    """PaliGemma style: Siglip + Gemma, 16 `<image>` tokens, `<bos>` after them, the 1,152 <loc>/<seg> tokens."""
+def save_tiny_paligemma(out: Path, hidden: int = 32) -> Path:
+    """PaliGemma style: Siglip + Gemma, 16 `<image>` tokens, `<bos>` after them, the 1,152 <loc>/<seg> tokens;
+    a text model of two heads of hidden/2 (vLLM's CPU attention takes hidden=128)."""
     from transformers import (GemmaConfig, PaliGemmaConfig, PaliGemmaForConditionalGeneration, PaliGemmaProcessor,
                               SiglipImageProcessor, SiglipVisionConfig)
 
     tok = _train_tokenizer(["<pad>", "<eos>", "<bos>", "<unk>", "<image>"], bos_token="<bos>", eos_token="<eos>",
                            pad_token="<pad>", unk_token="<unk>", extra_special_tokens={"image_token": "<image>"})
+    tok.add_tokens(["\n"])  # Gemma's vocabulary has a newline token; vLLM's PaliGemma looks it up
     image_size, patch = 32, 8
     image_processor = SiglipImageProcessor(size={"height": image_size, "width": image_size},
                                            image_seq_length=(image_size // patch) ** 2)
     proc = PaliGemmaProcessor(image_processor, tok)  # adds the <loc>/<seg> tokens to `tok`
     vc = SiglipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
                             image_size=image_size, patch_size=patch)
-    tc = GemmaConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                     num_key_value_heads=1, head_dim=16, vocab_size=len(tok), max_position_embeddings=256,
+    tc = GemmaConfig(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2, num_attention_heads=2,
+                     num_key_value_heads=1, head_dim=hidden // 2, vocab_size=len(tok), max_position_embeddings=256,
                      pad_token_id=tok.pad_token_id, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
     cfg = PaliGemmaConfig(vision_config=vc, text_config=tc, image_token_index=proc.image_token_id,
-                          vocab_size=len(tok), projection_dim=32, hidden_size=32)
+                          vocab_size=len(tok), projection_dim=hidden, hidden_size=hidden)
     torch.manual_seed(0)
     model = PaliGemmaForConditionalGeneration(cfg)
-    return _save(model, proc, out, tok.eos_token_id, tok.pad_token_id, tok.bos_token_id)
+    return save_folder(model, proc, out, tok.eos_token_id, tok.pad_token_id, tok.bos_token_id)
 
 
 def save_tiny_pixelray(out: Path) -> Path:
@@ -246,4 +254,4 @@ def save_tiny_text_llm(out: Path) -> Path:
                          num_key_value_heads=1, vocab_size=len(tok), max_position_embeddings=2048,
                          tie_word_embeddings=True, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     torch.manual_seed(0)
-    return _save(Qwen2ForCausalLM(config), tok, out, tok.eos_token_id, tok.pad_token_id)
+    return save_folder(Qwen2ForCausalLM(config), tok, out, tok.eos_token_id, tok.pad_token_id)

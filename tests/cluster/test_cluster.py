@@ -200,13 +200,13 @@ def test_runtime_env_ships_the_project_and_its_requirements():
     assert "torch" in packages and "transformers" in packages and "ray" not in packages
     assert "pip" not in runtime_env(pip=False)
 
-    # cluster/requirements.txt: the same packages as pyproject's dependencies and serve/train/hf extras
+    # cluster/requirements.txt: the same packages as pyproject's dependencies and serve/train/hf extras, and vLLM
     project = tomllib.loads((PROJECT / "pyproject.toml").read_text())["project"]
     wanted = [*project["dependencies"], *(r for extra in ("serve", "train", "hf")
                                           for r in project["optional-dependencies"][extra])]
     names = {Requirement(r).name for r in wanted} - {"ray"}
     assert names <= set(packages), names - set(packages)
-    pins = [line for line in (PROJECT / "requirements-pins.txt").read_text().splitlines()
+    pins = [line for line in (PROJECT / "requirements-vllm-gpu.txt").read_text().splitlines()  # GPU nodes' pins
             if line and not line.startswith("#")]
     assert set(pins) <= set(lines)
 

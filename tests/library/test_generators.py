@@ -96,6 +96,7 @@ def test_models_list_says_what_is_cached(monkeypatch, tmp_path):
     listed = list_generators()
     assert {"llava-1.5-7b", "llava-v1.6-mistral-7b", "smolvlm", "smolvlm-256m", "qwen2-vl-2b",
             "qwen2.5-vl-3b", "paligemma-3b"} <= set(listed)
-    # the bundled model is always there
-    assert {name for name, (_, _, where) in listed.items() if where == "offline"} == {"smolvlm-256m", "shapes-demo"}
+    # the bundled model is always there; the cached weights serve both engines
+    assert {name for name, (_, _, where) in listed.items() if where == "offline"} == {
+        "smolvlm-256m", "smolvlm-256m-vllm", "shapes-demo"}
     assert listed["hybrid"][2] == "server"

@@ -23,6 +23,12 @@ def test_pool_plan_requests_gpus_when_present():
     assert plan_pool(None, "cpu", {"CPU": 8, "GPU": 1}).num_gpus == 0
     with pytest.raises(PixelrayError, match="no GPUs"):
         plan_pool(None, "cuda", {"CPU": 2})
+    # a model split over several GPUs (vLLM's tensor parallelism): each actor reserves that many
+    split = plan_pool(None, "auto", {"CPU": 32, "GPU": 8}, nodes=2, gpus_per_actor=2)
+    assert (split.size, split.remote_args()["num_gpus"]) == (4, 2.0)
+    assert plan_pool(9, "auto", {"CPU": 32, "GPU": 8}, gpus_per_actor=4).size == 2  # never more than fit
+    with pytest.raises(PixelrayError, match="split over 4 GPUs needs that many; the Ray cluster has 2"):
+        plan_pool(None, "auto", {"CPU": 8, "GPU": 2}, gpus_per_actor=4)
     # torch actors stay off the MLX node pool; MLX actors go only there, one per `mlx` unit
     assert cpu.remote_args()["label_selector"] == {"pixelray.io/pool": "!mlx"}
     mlx = plan_pool(None, "auto", {"CPU": 16, "GPU": 2, "mlx": 2}, nodes=3, mlx=True)

@@ -3,14 +3,12 @@
 from __future__ import annotations
 
 import os
-import signal
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
-import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -20,6 +18,7 @@ from pixelray.encoders import create_encoder
 from pixelray.images import decode_image, image_id
 from pixelray.pipelines.embed import EmbedConfig, run_embed
 from pixelray.testing.images import write_folder
+from pixelray.testing.processes import kill_session
 
 PIXELRAY = str(Path(sys.executable).parent / "pixelray")
 
@@ -123,22 +122,6 @@ def test_bad_encoder_fails_before_reading(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
-def _session_processes(sid: int, workers_only: bool = False) -> list[psutil.Process]:
-    """Processes of a session; with workers_only, those that can still write output (raylet, workers)."""
-    procs = []
-    for p in psutil.process_iter():
-        try:
-            if os.getsid(p.pid) != sid:
-                continue
-            cmd = " ".join(p.cmdline()).strip()
-            if workers_only and not ("raylet" in cmd or cmd.startswith("ray::") and not cmd.endswith("Agent")):
-                continue
-            procs.append(p)
-        except (ProcessLookupError, PermissionError, psutil.Error):
-            pass
-    return procs
-
-
 @pytest.mark.slow
 def test_resume_after_driver_is_killed(ray_address, tmp_path):
     """kill -9 of a driver (with its own local Ray) mid-job, then --resume: each image exactly once."""
@@ -158,15 +141,8 @@ def test_resume_after_driver_is_killed(ray_address, tmp_path):
                 break
             time.sleep(0.2)
         assert proc.poll() is None, "the job ended before it could be killed"
-        os.kill(proc.pid, signal.SIGKILL)
-        proc.wait()
-        # the driver's local Ray dies with it; wait for the last of its workers
-        deadline = time.time() + 60
-        while _session_processes(proc.pid, workers_only=True) and time.time() < deadline:
-            time.sleep(0.5)
     finally:
-        for p in _session_processes(proc.pid):
-            p.kill()
+        kill_session(proc)
 
     rows_at_kill = _read(out / "features").num_rows
     assert 8 <= rows_at_kill < 160

@@ -1,0 +1,40 @@
+"""The model deployment for vllm models: vLLM's async engine, one per replica.
+
+No `@serve.batch` here: every request, streamed or not, joins the engine's running batch as soon as it
+arrives, and leaves it when done (continuous batching). A request the ingress stops waiting for (its
+client disconnected) is cancelled by Serve, and the cancellation aborts it inside the engine, freeing
+its slot and its KV cache at once. The methods are those of VLMModel (model.py), so the ingress, the
+seed API and /v1 are the same for both.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+from PIL import Image
+from ray import serve
+
+from pixelray.generators import GenerationConfig, GenerationResult, Message, resolve_generator
+from pixelray.generators.vllm import AsyncVLLMEngine
+
+
+@serve.deployment
+class VLLMModel:
+    def __init__(self, model: str, dtype: str = "auto"):
+        self.engine = AsyncVLLMEngine(resolve_generator(model).source, dtype=dtype, name=model)
+
+    async def generate(self, conversation: list[Message], images: list[Image.Image],
+                       config: GenerationConfig) -> GenerationResult:
+        return await self.engine.generate(conversation, images, config)
+
+    async def stream(self, conversation: list[Message], images: list[Image.Image],
+                     config: GenerationConfig) -> AsyncIterator[str | GenerationResult]:
+        async for piece in self.engine.stream(conversation, images, config):
+            yield piece
+
+    async def stats(self) -> dict:
+        """Requests in the engine now, running or waiting, and the tokens of each cancelled one."""
+        return self.engine.stats()
+
+    def __del__(self):
+        self.engine.shutdown()
