@@ -36,6 +36,7 @@ from PIL import Image
 
 from pixelray.generators import GenerationConfig, create_generator
 from pixelray.testing.images import make_images
+from pixelray.testing.tiny_vlms import save_tiny_qwen2_vl
 
 PROMPT = "Describe the image."
 EOS_EVERY = 24  # a reply's expected length, before the cap
@@ -47,40 +48,18 @@ PRESETS = {  # text: hidden, layers, heads, kv heads, MLP; vision: width, depth,
 
 
 def save_model(out: Path, preset: dict) -> Path:
-    """A random Qwen2-VL of the preset's sizes, with the tiny test tokenizer, saved as transformers saves one."""
-    from transformers import (Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor,
-                              Qwen2VLProcessor, Qwen2VLVideoProcessor)
+    """A random Qwen2-VL of the preset's sizes (the tests' tokenizer, 224 px images -> 64 image tokens), its
+    replies' lengths set by aim_end_of_sequence, saved as transformers saves one."""
+    from transformers import AutoProcessor, Qwen2VLForConditionalGeneration
 
-    from pixelray.testing.tiny_vlms import QWEN_CHAT, save_folder, save_tiny_qwen2_vl
-
-    tiny = Qwen2VLProcessor.from_pretrained(save_tiny_qwen2_vl(out / "tokenizer"))
-    tok = tiny.tokenizer
-    ids = {t: tok.convert_tokens_to_ids(t) for t in ["<|endoftext|>", "<|vision_start|>", "<|vision_end|>",
-                                                      "<|image_pad|>", "<|video_pad|>"]}
-    half_head = preset["hidden"] // preset["heads"] // 2
-    temporal = half_head // 4
-    height = (half_head - temporal) // 2
-    text = dict(hidden_size=preset["hidden"], intermediate_size=preset["mlp"], num_hidden_layers=preset["layers"],
-                num_attention_heads=preset["heads"], num_key_value_heads=preset["kv_heads"], vocab_size=len(tok),
-                max_position_embeddings=4096, bos_token_id=ids["<|endoftext|>"], eos_token_id=tok.eos_token_id,
-                pad_token_id=tok.pad_token_id,
-                rope_parameters={"rope_type": "default", "rope_theta": 1e6,
-                                 "mrope_section": [temporal, height, half_head - temporal - height]})
-    width, depth, vision_heads = preset["vision"]
-    vision = dict(depth=depth, embed_dim=width, hidden_size=preset["hidden"], num_heads=vision_heads, mlp_ratio=4,
-                  patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
-    config = Qwen2VLConfig(text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
-                           video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
-                           vision_end_token_id=ids["<|vision_end|>"])
-    torch.manual_seed(0)
-    model = Qwen2VLForConditionalGeneration(config)
-    pixels = dict(min_pixels=56 * 56, max_pixels=224 * 224, patch_size=14, temporal_patch_size=2, merge_size=2)
-    processor = Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(**pixels), tokenizer=tok,
-                                 video_processor=Qwen2VLVideoProcessor(**pixels), chat_template=QWEN_CHAT)
-    aim_end_of_sequence(model, processor, tok.eos_token_id)
-    if preset["dtype"] == "bf16":
-        model = model.to(torch.bfloat16)
-    return save_folder(model, processor, out / "model", [tok.eos_token_id], tok.pad_token_id, ids["<|endoftext|>"])
+    folder = save_tiny_qwen2_vl(out, hidden=preset["hidden"], layers=preset["layers"], heads=preset["heads"],
+                                kv_heads=preset["kv_heads"], mlp=preset["mlp"], vision=preset["vision"],
+                                max_pixels=224 * 224)
+    model = Qwen2VLForConditionalGeneration.from_pretrained(folder)
+    processor = AutoProcessor.from_pretrained(folder)
+    aim_end_of_sequence(model, processor, processor.tokenizer.eos_token_id)
+    model.to(torch.bfloat16 if preset["dtype"] == "bf16" else torch.float32).save_pretrained(folder)
+    return folder
 
 
 @torch.no_grad()
@@ -146,7 +125,7 @@ def main() -> None:
         work = Path(tmp)
         paths = make_images(work / "images", args.num_images)
         images = [Image.open(p).convert("RGB") for p in paths]
-        model = save_model(work, preset)
+        model = save_model(work / "model", preset)
 
         hf = create_generator(f"hf:{model}", dtype=preset["dtype"])
         params = sum(p.numel() for p in hf.model.parameters()) / 1e6

@@ -158,11 +158,11 @@ def check_loadable(spec: GeneratorSpec) -> None:
     import pixelray.vlm  # noqa: F401  (registers model_type "pixelray" with AutoConfig)
     from pixelray.hub import not_available
 
-    source = spec.source.partition("?")[0] if spec.backend == "vllm" else spec.source
+    source = spec.source
     if spec.backend == "vllm":
         from pixelray.generators.vllm import VLLMOptions
 
-        VLLMOptions.from_source(spec.source)  # its settings are valid
+        source, _ = VLLMOptions.from_source(spec.source)  # (its settings are checked here too)
     try:
         AutoConfig.from_pretrained(source)
     except Exception as e:

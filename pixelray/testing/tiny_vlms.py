@@ -120,9 +120,12 @@ QWEN_CHAT = (
 )
 
 
-def save_tiny_qwen2_vl(out: Path, hidden: int = 32) -> Path:
+def save_tiny_qwen2_vl(out: Path, hidden: int = 32, layers: int = 2, heads: int = 2, kv_heads: int = 1,
+                       mlp: int | None = None, vision: tuple[int, int, int] = (32, 2, 2),
+                       max_pixels: int = 56 * 56) -> Path:
     """Qwen2-VL style: 14px patches merged 2x2, mrope, `<|im_start|>` chat; a 40x50 image -> 2 tokens.
-    Two attention heads of hidden/2 each: vLLM's CPU attention needs a head size of 32, 64, 80, ... (hidden=128)."""
+    Tiny by default: text heads of hidden/heads (vLLM's CPU attention needs 32, 64, 80, ...: hidden=128), an
+    MLP of `mlp` (2 x hidden), vision (width, depth, heads); the caption benchmark asks for real sizes."""
     from transformers import (Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLImageProcessor, Qwen2VLProcessor,
                               Qwen2VLVideoProcessor)
 
@@ -131,26 +134,28 @@ def save_tiny_qwen2_vl(out: Path, hidden: int = 32) -> Path:
                            eos_token="<|im_end|>", pad_token="<|endoftext|>",
                            extra_special_tokens={"image_token": "<|image_pad|>", "video_token": "<|video_pad|>"})
     ids = {t: tok.convert_tokens_to_ids(t) for t in ["<|endoftext|>", *vision_tokens]}
-    half_head = hidden // 4  # mrope's sections (temporal, height, width) cover half of each head's size
+    half_head = hidden // heads // 2  # mrope's sections (temporal, height, width) cover half of each head
     temporal = half_head // 4
     height = (half_head - temporal) // 2
-    text = dict(hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2, num_attention_heads=2,
-                num_key_value_heads=1, vocab_size=len(tok), max_position_embeddings=4096,
+    text = dict(hidden_size=hidden, intermediate_size=mlp or 2 * hidden,
+                num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=kv_heads,
+                vocab_size=len(tok), max_position_embeddings=4096,
                 rope_parameters={"rope_type": "default", "rope_theta": 1e6,
                                  "mrope_section": [temporal, height, half_head - temporal - height]},
                 bos_token_id=ids["<|endoftext|>"], eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    vision = dict(depth=2, embed_dim=32, hidden_size=hidden, num_heads=2, mlp_ratio=2, patch_size=14,
-                  spatial_merge_size=2, temporal_patch_size=2)
-    cfg = Qwen2VLConfig(text_config=text, vision_config=vision, image_token_id=ids["<|image_pad|>"],
+    width, depth, vision_heads = vision
+    vision_config = dict(depth=depth, embed_dim=width, hidden_size=hidden, num_heads=vision_heads, mlp_ratio=2,
+                         patch_size=14, spatial_merge_size=2, temporal_patch_size=2)
+    cfg = Qwen2VLConfig(text_config=text, vision_config=vision_config, image_token_id=ids["<|image_pad|>"],
                         video_token_id=ids["<|video_pad|>"], vision_start_token_id=ids["<|vision_start|>"],
                         vision_end_token_id=ids["<|vision_end|>"])
     torch.manual_seed(0)
     model = Qwen2VLForConditionalGeneration(cfg)
-    pixels = dict(min_pixels=28 * 28, max_pixels=56 * 56, patch_size=14, temporal_patch_size=2, merge_size=2)
+    pixels = dict(min_pixels=28 * 28, max_pixels=max_pixels, patch_size=14, temporal_patch_size=2, merge_size=2)
     proc = Qwen2VLProcessor(image_processor=Qwen2VLImageProcessor(**pixels), tokenizer=tok,
                             video_processor=Qwen2VLVideoProcessor(**pixels), chat_template=QWEN_CHAT)
     return save_folder(model, proc, out, [tok.eos_token_id, ids["<|endoftext|>"]], tok.pad_token_id,
-                 ids["<|endoftext|>"])
+                       ids["<|endoftext|>"])
 
 
 SMOLVLM_CHAT = (
