@@ -7,12 +7,15 @@ Run as:
 
 The model is a Qwen2-VL with random weights (vLLM and transformers both serve that architecture), built from
 a config, saved to a folder and loaded through each engine's real loading code: `small` (width 512, 4 layers,
-heads of 64) for CPUs, or `qwen2-vl-2b` (Qwen2-VL-2B's sizes, bf16) for a GPU. Images are 224 px (64 image
+heads of 64) for CPUs, or `qwen2-vl-2b` (Qwen2-VL-2B's text and vision sizes, bf16; the tests' small vocabulary)
+for a GPU. Images are 224 px (64 image
 tokens each at the processor's max_pixels).
 
 Replies vary in length as real captions do: the end-of-sequence row of the output layer is aimed along the
-model's mean hidden state, scaled so that sampled replies of at most 64 tokens average EOS_EVERY; replies are sampled (temperature 1) and capped at --max-tokens. That is where
-continuous batching differs from static batches, which run until their longest reply ends.
+model's mean hidden state, scaled so that sampled replies to calibration prompts average EOS_EVERY tokens
+(the benchmark's own replies average about 40); replies are sampled (temperature 1) and capped at
+--max-tokens. That is where continuous batching differs from static batches, which run until their longest
+reply ends.
 
 1. hf, one at a time: the hf backend on one image per call;
 2. hf, batched: the hf backend on batches of --batch-size (the project's batch jobs before vLLM);
@@ -39,7 +42,7 @@ from pixelray.testing.images import make_images
 from pixelray.testing.tiny_vlms import save_tiny_qwen2_vl
 
 PROMPT = "Describe the image."
-EOS_EVERY = 24  # a reply's expected length, before the cap
+EOS_EVERY = 24  # the mean reply length aimed at, on calibration prompts (the benchmark's own come out longer)
 PRESETS = {  # text: hidden, layers, heads, kv heads, MLP; vision: width, depth, heads
     "small": dict(hidden=512, layers=4, heads=8, kv_heads=2, mlp=1024, vision=(128, 2, 2), dtype="fp32"),
     "qwen2-vl-2b": dict(hidden=1536, layers=28, heads=12, kv_heads=2, mlp=8960, vision=(1280, 32, 16),
@@ -130,7 +133,7 @@ def main() -> None:
         hf = create_generator(f"hf:{model}", dtype=preset["dtype"])
         params = sum(p.numel() for p in hf.model.parameters()) / 1e6
         print(f"{len(images)} images, Qwen2-VL architecture ({args.preset}, {params:.0f}M parameters, random, "
-              f"{preset['dtype']}), sampled replies of about {EOS_EVERY} tokens capped at {args.max_tokens}, "
+              f"{preset['dtype']}), sampled replies (temperature 1) of varied length, at most {args.max_tokens} tokens, "
               f"{os.cpu_count()} CPUs, device {hf.device}", flush=True)
         def captioner(generator):
             return lambda batch, config: generator.generate(batch, PROMPT, config)
