@@ -114,7 +114,8 @@ def run_caption(cfg: CaptionConfig) -> JobSummary:
     batch_size = cfg.model_batch_size(spec)
     rows_per_block = 4 * batch_size
     plan = start(source, cfg.out, address=cfg.address, num_actors=cfg.num_generators, device=cfg.device,
-                 rows_per_block=rows_per_block, mlx=spec.backend == "mlx", gpus_per_actor=cfg.tensor_parallel_size)
+                 rows_per_block=rows_per_block, mlx=spec.backend == "mlx", gpus_per_actor=cfg.tensor_parallel_size,
+                 whole_node=spec.backend == "vllm")
 
     ds = read_images(source, done, rows_per_block=rows_per_block)
     ds = ds.map_batches(decode_for_generation, batch_size=batch_size, batch_format="numpy",

@@ -53,9 +53,8 @@ def open_store(out: str, table: str, manifest: dict[str, Any], *, resume: bool, 
 
 
 def start(source: Source, out: str, *, address: str | None, num_actors: int | None, device: str,
-          rows_per_block: int, mlx: bool = False, gpus_per_actor: int = 1) -> PoolPlan:
-    """Join or start Ray, then size the model actor pool for this input (on the MLX nodes for `mlx`; each
-    actor on `gpus_per_actor` GPUs where there are GPUs)."""
+          rows_per_block: int, mlx: bool = False, gpus_per_actor: int = 1, whole_node: bool = False) -> PoolPlan:
+    """Join or start Ray, then size the model actor pool for this input (see pixelray.runtime.plan_pool)."""
     if source.skipped_files:
         logger.warning("note: ignored %d non-image files", source.skipped_files)
     init_ray(address)
@@ -64,7 +63,8 @@ def start(source: Source, out: str, *, address: str | None, num_actors: int | No
         logger.warning("note: %d nodes write to %s; it must be shared storage (NFS) on every node, or use a URI "
                        "such as s3://bucket/path", nodes, out)
     blocks = len(source) if source.kind != "files" else -(-len(source) // rows_per_block)
-    return plan_pool(num_actors, device, resources, nodes, max_useful=blocks, mlx=mlx, gpus_per_actor=gpus_per_actor)
+    return plan_pool(num_actors, device, resources, nodes, max_useful=blocks, mlx=mlx, gpus_per_actor=gpus_per_actor,
+                     whole_node=whole_node)
 
 
 def write(ds: ray.data.Dataset, store: Store, rows_per_file: int, *, job: str, verb: str,

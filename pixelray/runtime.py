@@ -84,17 +84,19 @@ class PoolPlan:
 
 def plan_pool(num_actors: int | None, device: str, resources: dict[str, float], nodes: int = 1,
               max_useful: int | None = None, cpus_per_actor: float = 0.5, mlx: bool = False,
-              gpus_per_actor: int = 1) -> PoolPlan:
+              gpus_per_actor: int = 1, whole_node: bool = False) -> PoolPlan:
     """GPUs present (and not forced to cpu): one actor per GPU (per `gpus_per_actor` GPUs, for a model
     split over several by tensor parallelism, which then needs that many). Never more actors than
     `max_useful` (the number of input blocks), since an idle actor still loads a model.
 
     `mlx` (an MLX model): one actor per unit of the `mlx` resource, on the MLX nodes only.
 
-    CPU only: actors reserve a fraction of a core each, so the decode tasks are never starved
-    (a whole core per actor on a 2-core machine deadlocks the reads), and share the node's
-    cores between them: up to 8 cores, one single-threaded actor per core (separate processes
-    beat one process's intra-op threads on small machines); above that, 4 threads per actor.
+    CPU only: actors reserve a fraction of a core each, so the decode tasks are never starved (a
+    whole core per actor on a 2-core machine deadlocks the reads), and share the node's cores
+    between them: up to 8 cores, one single-threaded actor per core (separate processes beat one
+    process's intra-op threads on small machines); above that, 4 threads per actor. A model that
+    spreads its work over all of a node's cores itself (`whole_node`: vLLM's engine) gets one
+    actor per node.
     """
     def capped(size: int) -> int:
         return max(1, min(size, max_useful)) if max_useful else size
@@ -120,7 +122,7 @@ def plan_pool(num_actors: int | None, device: str, resources: dict[str, float], 
         raise PixelrayError("--device cuda was asked for but the Ray cluster has no GPUs", code="no_gpu")
     nodes = max(1, nodes)
     cores = max(1, int(resources.get("CPU", 1)) // nodes)
-    per_node = cores if cores <= 8 else cores // 4
+    per_node = 1 if whole_node else cores if cores <= 8 else cores // 4
     size = capped(num_actors or per_node * nodes)
     threads = max(1, cores // max(1, round(size / nodes)))
     return PoolPlan(size=size, num_gpus=0.0, num_cpus=cpus_per_actor, torch_threads=threads)

@@ -27,6 +27,10 @@ def test_pool_plan_requests_gpus_when_present():
     split = plan_pool(None, "auto", {"CPU": 32, "GPU": 8}, nodes=2, gpus_per_actor=2)
     assert (split.size, split.remote_args()["num_gpus"]) == (4, 2.0)
     assert plan_pool(9, "auto", {"CPU": 32, "GPU": 8}, gpus_per_actor=4).size == 2  # never more than fit
+    # vLLM's engine on CPU-only nodes uses all their cores: one actor per node, with every core's thread
+    engine = plan_pool(None, "auto", {"CPU": 16}, nodes=2, whole_node=True)
+    assert (engine.size, engine.torch_threads) == (2, 8)
+    assert plan_pool(None, "auto", {"CPU": 16, "GPU": 4}, nodes=2, whole_node=True).size == 4  # one per GPU
     with pytest.raises(PixelrayError, match="split over 4 GPUs needs that many; the Ray cluster has 2"):
         plan_pool(None, "auto", {"CPU": 8, "GPU": 2}, gpus_per_actor=4)
     # torch actors stay off the MLX node pool; MLX actors go only there, one per `mlx` unit
