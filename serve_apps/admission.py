@@ -21,6 +21,8 @@ def validated(model: type[BaseModel], data: Any) -> Any:
         return model.model_validate(data)
     except ValidationError as e:
         raise PixelrayError(validation_message(e), 422, "invalid_parameters") from None
+    except RecursionError:
+        raise PixelrayError("the request is nested too deeply", 400, "invalid_json") from None
 
 
 class Admission:
@@ -51,6 +53,8 @@ class Admission:
             data = json.loads(body)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise PixelrayError(f"the body is not valid JSON: {e}", 400, "invalid_json") from None
+        except RecursionError:
+            raise PixelrayError("the body's JSON is nested too deeply", 400, "invalid_json") from None
         if not isinstance(data, dict):
             raise PixelrayError("the body must be a JSON object", 400, "invalid_json")
         return validated(model, data)

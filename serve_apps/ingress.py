@@ -35,7 +35,11 @@ async def _http_error(request: Request, e: HTTPException) -> JSONResponse:
 
 
 def create_app(server: Server) -> FastAPI:
-    app = FastAPI(title="pixelray", description="caption, VQA, chat and OpenAI-compatible endpoints")
+    # the API's description (/docs, /redoc, /openapi.json) is public only where the API is: without a key
+    public = server.args.api_key is None
+    app = FastAPI(title="pixelray", description="caption, VQA, chat and OpenAI-compatible endpoints",
+                  docs_url="/docs" if public else None, redoc_url="/redoc" if public else None,
+                  openapi_url="/openapi.json" if public else None)
     app.state.server = server
     app.add_exception_handler(PixelrayError, _error)
     app.add_exception_handler(HTTPException, _http_error)

@@ -21,7 +21,7 @@ from pixelray.generators import GenerationConfig, Message
 from pixelray.serve_apps.inputs import openai_conversation
 from pixelray.serve_apps.protocol import (ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, ChunkChoice,
                                           Delta, ErrorResponse, ModelList, Usage, completion_id)
-from pixelray.serve_apps.server import Server, current
+from pixelray.serve_apps.server import Server, current, public_message
 
 router = APIRouter(prefix="/v1")
 
@@ -69,5 +69,6 @@ async def _events(handle: DeploymentHandle, model: str, conversation: list[Messa
             yield ChatCompletionChunk(id=cid, created=created, model=model, choices=[],
                                       usage=Usage.of(results)).event()
     except Exception as e:  # the status line is sent already: report the error as an event
-        yield f"data: {ErrorResponse.of(PixelrayError(f'generation failed: {e}', 500)).model_dump_json()}\n\n"
+        error = PixelrayError(f"generation failed: {public_message(e)}", 500)
+        yield f"data: {ErrorResponse.of(error).model_dump_json()}\n\n"
     yield "data: [DONE]\n\n"

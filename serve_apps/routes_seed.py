@@ -56,6 +56,7 @@ async def question(request: Request, server: Server = Depends(current)) -> Quest
 @router.post("/hybrid")
 async def hybrid(request: Request, server: Server = Depends(current)) -> CaptionResponse:
     """A caption from a hybrid model: the encoder's summarised features, written up by its LLM server."""
+    server.admission.admit(request)  # the key first: without it, not even what is served here is told
     if not server.hybrid_models:
         raise PixelrayError("no hybrid model is served here: add one, e.g. models=[{name: hybrid, source: "
                             "'hybrid:clip?url=http://localhost:1234/v1'}]", 404, "model_not_found")

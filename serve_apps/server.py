@@ -65,8 +65,16 @@ class Server:
                 cause = e.cause if isinstance(e, RayTaskError) else e
                 raise PixelrayError(cause.message, cause.status, cause.code) from None
             except ValueError as e:
-                raise PixelrayError(f"the model refused the input: {e}", 400, "model_input") from None
+                raise PixelrayError(f"the model refused the input: {public_message(e)}", 400, "model_input") from None
         raise AssertionError("unreachable")
+
+
+def public_message(error: Exception) -> str:
+    """What an error raised in a replica says, without what Ray wraps around it (the remote traceback: pids,
+    actor ids, the server's file paths): the original error's first line."""
+    cause = error.cause if isinstance(error, RayTaskError) and error.cause is not None else error
+    lines = str(cause).strip().splitlines()
+    return lines[0] if lines else type(cause).__name__
 
 
 def current(request: Request) -> Server:

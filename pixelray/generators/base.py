@@ -47,7 +47,7 @@ class GenerationConfig(BaseModel):
     max_new_tokens: int = Field(64, ge=1, le=8192, description="the most tokens a reply may have")
     temperature: float = Field(0.0, ge=0.0, le=2.0, description="0 decodes greedily")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="nucleus sampling: the probability mass sampled from")
-    seed: int | None = Field(None, description="the sampling seed")
+    seed: int | None = Field(None, ge=0, lt=2**63, description="the sampling seed")
     stop: list[str] = Field(default_factory=list, max_length=8, description="a stop string: the reply ends before it")
 
 

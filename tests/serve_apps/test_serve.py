@@ -238,6 +238,10 @@ def completion_body(**overrides) -> dict:
     (completion_body(messages=[]), 422, "invalid_parameters"),
     (completion_body(messages=[{"role": "user", "content": [{"type": "image_url"}]}]), 422, "missing_image_url"),
     (completion_body(messages=openai_messages("images/000000.png") * 5), 422, "too_many_images"),
+    ("[" * 100_000 + "]" * 100_000, 400, "invalid_json"),  # nested past any parser's recursion
+    ('{"model": "shapes-demo", "messages": ' + "[" * 5_000 + "]" * 5_000 + "}", 400, "invalid_json"),
+    (completion_body(seed=2**64, temperature=1), 422, "invalid_parameters"),  # past what a generator takes
+    (completion_body(seed=2**63 - 1, n=2, temperature=1), 422, "invalid_parameters"),  # choice 2's seed too
 ])
 def test_bad_openai_requests(server, body, status, code):
     r = chat_completion(server, body)
@@ -267,6 +271,32 @@ def test_allow_listed_url_is_fetched(server, images_server):
     missing = chat_completion(server, completion_body(messages=[{"role": "user", "content": [
         {"type": "image_url", "image_url": {"url": f"{images_server}/nope.png"}}]}]))
     assert missing.status_code == 400 and missing.json()["error"]["code"] == "fetch_failed"
+
+
+def test_the_key_guards_everything_but_health(server):
+    """A key of any bytes is a 401, never a 500; the API's description and /hybrid are behind the key too."""
+    import http.client
+
+    host, port = server.removeprefix("http://").split(":")
+    for token in ("ké€y".encode(), b"\xff\xfe", b"k" * 10_000, b"a\x00b"):
+        conn = http.client.HTTPConnection(host, int(port), timeout=10)
+        conn.putrequest("GET", "/v1/models")
+        conn.putheader("Authorization", b"Bearer " + token)
+        conn.endheaders()
+        r = conn.getresponse()
+        if b"\x00" in token:  # not a legal header value: the HTTP server refuses it before the app sees it
+            assert r.status == 400
+        else:
+            assert r.status == 401 and json.loads(r.read())["error"]["code"] == "invalid_api_key"
+        conn.close()
+    for route in ("/docs", "/redoc", "/openapi.json"):
+        assert requests.get(f"{server}{route}", timeout=10).status_code == 404
+        assert requests.get(f"{server}{route}", headers=AUTH, timeout=10).status_code == 404
+    png = (SHAPES / "images/000000.png").read_bytes()
+    r = requests.post(f"{server}/hybrid", files={"image": ("a.png", png, "image/png")}, timeout=10)
+    assert r.status_code == 401  # before it says that no hybrid model is served here
+    r = requests.post(f"{server}/hybrid", files={"image": ("a.png", png, "image/png")}, headers=AUTH, timeout=10)
+    assert r.status_code == 404
 
 
 def test_bad_form_values_and_unknown_routes(server):

@@ -150,4 +150,6 @@ def test_an_input_the_engine_refuses_is_a_clean_400(server):
     assert r.status_code == 400, r.text
     error = r.json()["error"]
     assert error["code"] == "model_input" and "image" in error["message"]
+    for internal in ("Traceback", "ray::", "pid=", "actor_id", ".py", "/tmp"):  # what was wrong, not where
+        assert internal not in r.text, r.text
     assert complete(url, messages=messages(5), max_tokens=8).status_code == 200
