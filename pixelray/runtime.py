@@ -112,7 +112,8 @@ def plan_pool(num_actors: int | None, device: str, resources: dict[str, float], 
             raise PixelrayError(f"a model split over {gpus_per_actor} GPUs needs that many; the Ray cluster has "
                                 f"{gpus}" + ("" if device in ("auto", "cuda") else f" and --device is {device}"),
                                 code="no_gpu")
-        size = capped(min(num_actors or gpus // gpus_per_actor, gpus // gpus_per_actor))
+        fit = gpus // gpus_per_actor
+        size = capped(min(num_actors or fit, fit))
         return PoolPlan(size=size, num_gpus=float(gpus_per_actor), num_cpus=1.0, torch_threads=0)
     if gpus and device in ("auto", "cuda"):
         size = capped(num_actors or gpus)

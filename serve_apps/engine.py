@@ -33,7 +33,7 @@ class VLLMModel:
             yield piece
 
     async def stats(self) -> dict:
-        """Requests in the engine now, running or waiting, and the tokens of each cancelled one."""
+        """Requests in the engine now, running or waiting; those cancelled so far, and the last one's tokens."""
         return self.engine.stats()
 
     def __del__(self):

@@ -61,18 +61,23 @@ class Server:
                 if attempt == self.args.retries:
                     raise PixelrayError("the model replica failed; retry shortly", 503, "replica_failed") from None
                 logger.warning("a model replica died during a request (%s); sending it again", type(e).__name__)
-            except PixelrayError as e:  # raised in the replica: Ray's wrapper keeps the original as its cause
-                cause = e.cause if isinstance(e, RayTaskError) else e
+            except PixelrayError as e:  # raised in the replica
+                cause = original(e)
                 raise PixelrayError(cause.message, cause.status, cause.code) from None
             except ValueError as e:
                 raise PixelrayError(f"the model refused the input: {public_message(e)}", 400, "model_input") from None
         raise AssertionError("unreachable")
 
 
+def original(error: Exception) -> Exception:
+    """The error a replica raised: Ray's wrapper (RayTaskError) keeps it as its cause."""
+    return error.cause if isinstance(error, RayTaskError) and error.cause is not None else error
+
+
 def public_message(error: Exception) -> str:
     """What an error raised in a replica says, without what Ray wraps around it (the remote traceback: pids,
     actor ids, the server's file paths): the original error's first line."""
-    cause = error.cause if isinstance(error, RayTaskError) and error.cause is not None else error
+    cause = original(error)
     lines = str(cause).strip().splitlines()
     return lines[0] if lines else type(cause).__name__
 

