@@ -13,13 +13,17 @@ writes and you can read: a URI (s3://, gs://, ...) or an absolute path on a file
 mounts. `submit` checks this before uploading anything, then follows the job's logs and returns its
 exit status (`--no-wait` prints the job's id and returns at once; Ctrl-C stops following, not the job).
 
-The address is the dashboard's (http://HEAD:8265; default: RAY_ADDRESS, else a local cluster).
+The address is the dashboard's (http://HEAD:8265; default: RAY_ADDRESS, else a local cluster). A cluster
+with token authentication (every config in cluster/) wants its token: RAY_AUTH_TOKEN, or RAY_AUTH_TOKEN_PATH
+naming a file that holds it, is sent with every request. (Ray's job SDK sends a token itself only when
+RAY_AUTH_MODE=token is set too, as Ray's own CLIs need: `serve deploy`, `ray job`.)
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import secrets
 import shlex
 import sys
@@ -112,10 +116,23 @@ def runtime_env(path: str | Path | None = None, pip: bool = True) -> dict:
     return env
 
 
+def auth_headers() -> dict[str, str]:
+    """The cluster's token as the dashboard wants it, from RAY_AUTH_TOKEN or else the file RAY_AUTH_TOKEN_PATH
+    names (Ray's own order); none set: no header (Ray's SDK then follows RAY_AUTH_MODE)."""
+    token = os.environ.get("RAY_AUTH_TOKEN", "").strip()
+    if not token and os.environ.get("RAY_AUTH_TOKEN_PATH"):
+        path = Path(os.environ["RAY_AUTH_TOKEN_PATH"]).expanduser()
+        try:
+            token = path.read_text().strip()
+        except OSError as e:
+            raise PixelrayError(f"RAY_AUTH_TOKEN_PATH {path}: {e.strerror}") from e
+    return {"Authorization": f"Bearer {token}"} if token else {}
+
+
 def client(address: str | None):
     from ray.job_submission import JobSubmissionClient
 
-    return JobSubmissionClient(address)
+    return JobSubmissionClient(address, headers=auth_headers())
 
 
 def submit(job: str, argv: list[str], args: argparse.Namespace, address: str | None = None,
@@ -224,9 +241,15 @@ def split_submit_options(argv: list[str]) -> tuple[dict, list[str]]:
 
 @contextmanager
 def sdk_errors():
-    """The SDK's failures (no dashboard at the address, an unknown job id) as PixelrayError."""
+    """The SDK's failures (no dashboard at the address, a missing or wrong token, an unknown job id) as
+    PixelrayError."""
+    from ray.exceptions import AuthenticationError
+
     try:
         yield
+    except AuthenticationError as e:
+        raise PixelrayError(f"{str(e).splitlines()[0]} (set RAY_AUTH_TOKEN, or RAY_AUTH_TOKEN_PATH, to the "
+                            f"cluster's token)") from e
     except ConnectionError as e:
         raise PixelrayError(f"{e} (--address is the dashboard's: http://HEAD:8265)") from e
     except RuntimeError as e:

@@ -6,14 +6,21 @@ cluster-launcher schema, `serve build`'s output, Ray's runtime_env validation.""
 from __future__ import annotations
 
 import json
+import os
 import re
+import secrets
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import numpy as np
+import psutil
 import pyarrow.parquet as pq
 import pytest
 import tomllib
@@ -24,6 +31,7 @@ from pixelray.cli import build_parser
 from pixelray.cluster.submit import PROJECT, job_command, runtime_env, split_submit_options
 from pixelray.errors import PixelrayError
 from pixelray.shapes import caption_correct, train_tokenizer, write_dataset
+from pixelray.testing import free_port
 from pixelray.testing.cluster import LocalCluster
 
 EXAMPLES = PROJECT / "examples" / "shapes"
@@ -302,3 +310,202 @@ def test_ray_up_config_passes_the_cluster_launchers_schema():
     config["available_node_types"]["gpu"]["max_wrokers"] = 4  # a typo is caught
     with pytest.raises(Exception, match="max_wrokers"):
         validate_config(prepare_config(config))
+
+
+# --- access (issue 17): token auth everywhere, Serve's port the one thing exposed, secrets from secrets ---
+
+RAY_UP = PROJECT / "cluster" / "ray-up.yaml"
+SERVE_PORT = 8000
+TOKEN_SECRET = {"mode": "token", "secretName": "pixelray-ray-token"}  # KubeRay puts its auth_token in RAY_AUTH_TOKEN
+
+
+def kuberay_docs() -> list[tuple[str, dict]]:
+    return [(p.name, doc) for p in sorted(KUBERAY.glob("*.yaml")) for doc in yaml.safe_load_all(p.read_text())]
+
+
+def ray_cluster_specs() -> dict[str, dict]:
+    """Every Ray cluster the manifests make: a RayCluster's spec, a RayJob's rayClusterSpec, a RayService's
+    rayClusterConfig, by file and resource name."""
+    specs = {}
+    for name, doc in kuberay_docs():
+        spec = doc["spec"]
+        for key in ("rayClusterSpec", "rayClusterConfig"):
+            spec = spec.get(key, spec)
+        if "headGroupSpec" in spec:
+            specs[f"{name}: {doc['kind']} {doc['metadata']['name']}"] = spec
+    return specs
+
+
+def containers(spec: dict) -> list[dict]:
+    groups = [spec["headGroupSpec"], *spec.get("workerGroupSpecs", [])]
+    return [c for g in groups for c in g["template"]["spec"]["containers"]]
+
+
+def test_every_ray_cluster_config_turns_on_token_auth():
+    specs = ray_cluster_specs()
+    assert len(specs) == 3  # raycluster, rayjob-embed's own cluster, rayservice's
+    for where, spec in specs.items():
+        assert spec.get("authOptions") == TOKEN_SECRET, where  # KubeRay then sets RAY_AUTH_MODE=token everywhere
+        assert "enableIngress" not in spec["headGroupSpec"], where
+        for c in containers(spec):  # KubeRay leaves a container's own RAY_AUTH_* alone: none may undo it
+            env = {e["name"]: e for e in c.get("env", [])}
+            assert env.get("RAY_AUTH_MODE", {"value": "token"}).get("value") == "token", where
+            assert "value" not in env.get("RAY_AUTH_TOKEN", {}), where
+    # the RayJobs on the long-lived cluster run on one that has it
+    selected = {doc["spec"]["clusterSelector"]["ray.io/cluster"] for _, doc in kuberay_docs()
+                if "clusterSelector" in doc.get("spec", {})}
+    assert selected == {"pixelray"} and "raycluster.yaml: RayCluster pixelray" in specs
+
+    # ray up: every process in every node's container, the token copied to Ray's default path on the nodes
+    config = yaml.safe_load(RAY_UP.read_text())
+    assert "--env RAY_AUTH_MODE=token" in config["docker"]["run_options"]
+    assert not {"head_run_options", "worker_run_options"} & set(config["docker"])
+    assert config["file_mounts"]["~/.ray/auth_token"] == "~/.ray/pixelray-token"
+    # and the image itself: a node started from it without a token does not start
+    assert "\nENV RAY_AUTH_MODE=token\n" in (PROJECT / "cluster" / "Dockerfile").read_text()
+
+
+def test_only_the_serve_port_is_exposed():
+    exposed = []  # (where, service spec) of every Service reachable from outside Kubernetes
+    for where, spec in ray_cluster_specs().items():
+        head = spec["headGroupSpec"]  # GCS, dashboard, client: ClusterIP, and said so (a default can change)
+        assert head["serviceType"] == "ClusterIP", where
+        assert head.get("headService", {}).get("spec", {}).get("type", "ClusterIP") == "ClusterIP", where
+    for name, doc in kuberay_docs():
+        service = doc if doc["kind"] == "Service" else doc["spec"].get("serveService")
+        if service and service["spec"].get("type") in ("LoadBalancer", "NodePort"):
+            exposed.append((name, service["spec"]))
+    assert [name for name, _ in exposed] == ["rayservice.yaml"]  # the Serve app's endpoint, and nothing else
+    for name, spec in exposed:
+        assert [(p["port"], p.get("targetPort", p["port"])) for p in spec["ports"]] == [(SERVE_PORT, SERVE_PORT)], name
+
+    # ray up: the dashboard on loopback (`ray dashboard` forwards it over ssh); the security group adds Serve alone
+    config = yaml.safe_load(RAY_UP.read_text())
+    head_start = " ".join(config["head_start_ray_commands"])
+    assert "--dashboard-host=127.0.0.1" in head_start and "0.0.0.0" not in head_start
+    rules = config["provider"]["security_group"]["IpPermissions"]
+    assert [(r["FromPort"], r["ToPort"], r["IpProtocol"]) for r in rules] == [(SERVE_PORT, SERVE_PORT, "tcp")]
+    assert not any("SecurityGroupIds" in t["node_config"] for t in config["available_node_types"].values())
+
+
+def test_the_serve_api_key_comes_from_a_secret():
+    service = next(doc for name, doc in kuberay_docs() if doc["kind"] == "RayService")
+    for c in containers(service["spec"]["rayClusterConfig"]):  # the ingress and the app's builder run on any node
+        key = {e["name"]: e for e in c["env"]}["PIXELRAY_API_KEY"]
+        assert key["valueFrom"]["secretKeyRef"] == {"name": "pixelray-secrets", "key": "api-key"}, c["name"]
+    config = yaml.safe_load(RAY_UP.read_text())
+    assert config["file_mounts"]["~/.pixelray/api-key"] == "~/.pixelray/api-key"
+    for start in (config["head_start_ray_commands"][-1], config["worker_start_ray_commands"][-1]):
+        assert "export PIXELRAY_API_KEY=$(cat ~/.pixelray/api-key);" in start  # Ray's workers inherit it
+    # and no config sets the key itself (AppArgs.api_key would take it over the env)
+    served = yaml.safe_load(service["spec"]["serveConfigV2"])
+    for app in [*served["applications"], *yaml.safe_load((PROJECT / "serve_apps" / "configs" / "cluster.yaml")
+                                                         .read_text())["applications"]]:
+        assert "api_key" not in app.get("args", {})
+
+
+SECRET_NAME = re.compile(r"(KEY|TOKEN|SECRET|PASSWORD)$", re.I)
+
+
+def literal_secrets(node, where: str = "") -> list[str]:
+    """Where a config holds a secret's value: an env var named like one given a `value`, a key named like
+    one given a string (`secretName` names a Secret), `...KEY=` or `...TOKEN=` with a value that is no
+    `$(...)`, a long hex string."""
+    found = []
+    if isinstance(node, dict):
+        if SECRET_NAME.search(str(node.get("name", ""))) and "value" in node:
+            found.append(f"{where}.{node['name']}")
+        for key, value in node.items():
+            if SECRET_NAME.search(key) and isinstance(value, str) and key.lower() != "key" and "/" not in key:
+                found.append(f"{where}.{key}")
+            found += literal_secrets(value, f"{where}.{key}")
+    elif isinstance(node, list):
+        for i, item in enumerate(node):
+            found += literal_secrets(item, f"{where}[{i}]")
+    elif isinstance(node, str):
+        if re.search(r"\b[0-9a-fA-F]{32,}\b", node) or re.search(r"(KEY|TOKEN)=(?!\$)", node):
+            found.append(where)
+        if node.lstrip().startswith(("proxy_location", "env_vars")):  # YAML inside YAML: serveConfigV2, runtimeEnvYAML
+            found += literal_secrets(yaml.safe_load(node), where)
+    return found
+
+
+def test_no_config_holds_a_secret():
+    configs = [*KUBERAY.glob("*.yaml"), RAY_UP, PROJECT / "cluster" / "runtime_env.yaml",
+               *(PROJECT / "serve_apps" / "configs").glob("*.yaml")]
+    for path in configs:
+        for doc in yaml.safe_load_all(path.read_text()):
+            assert literal_secrets(doc) == [], path.name
+    assert literal_secrets({"env": [{"name": "PIXELRAY_API_KEY", "value": "k"}]}) == [".env[0].PIXELRAY_API_KEY"]
+    assert literal_secrets({"args": {"api_key": "k"}}) == [".args.api_key"]
+    assert literal_secrets({"run_options": ["--env RAY_AUTH_TOKEN=abc"]}) == [".run_options[0]"]
+
+
+@pytest.fixture
+def token_head(tmp_path):
+    """A throwaway one-node Ray cluster on 127.0.0.1 with token authentication on, started the way KubeRay
+    starts a node with authOptions (RAY_AUTH_MODE=token, RAY_AUTH_TOKEN); stopped by killing its process
+    group (never `ray stop`: other Ray instances run on this machine)."""
+    token, gcs, dashboard = secrets.token_hex(32), free_port(), free_port()
+    temp = Path(tempfile.mkdtemp(prefix="pxt", dir="/tmp"))  # short: Ray's socket paths have a limit
+    ports = [x for p in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
+                         "runtime-env-agent-port", "ray-client-server-port") for x in (f"--{p}", str(free_port()))]
+    head = subprocess.Popen(
+        [str(Path(sys.executable).parent / "ray"), "start", "--head", "--block", "--node-ip-address", "127.0.0.1",
+         "--port", str(gcs), "--num-cpus", "1", "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard),
+         "--temp-dir", str(temp), "--disable-usage-stats", *ports],
+        stdout=open(tmp_path / "head.log", "w"), stderr=subprocess.STDOUT, start_new_session=True,
+        env={**os.environ, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token})
+    try:
+        address = f"http://127.0.0.1:{dashboard}"
+        deadline = time.monotonic() + 120
+        while status(address + "/api/gcs_healthz") != 200:  # a public path: up, whatever the token
+            assert head.poll() is None and time.monotonic() < deadline, (tmp_path / "head.log").read_text()[-3000:]
+            time.sleep(0.5)
+        yield {"address": address, "gcs": f"127.0.0.1:{gcs}", "token": token}
+    finally:
+        os.killpg(head.pid, signal.SIGKILL)
+        head.wait(timeout=30)
+        for p in psutil.process_iter(["cmdline"]):  # anything that left the process group
+            if any(str(temp) in part for part in p.info["cmdline"] or ()):
+                p.kill()
+        shutil.rmtree(temp, ignore_errors=True)
+
+
+def status(url: str, token: str | None = None) -> int | None:
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {token}"} if token else {})
+    try:
+        with urllib.request.urlopen(request, timeout=5) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+    except OSError:
+        return None
+
+
+@pytest.mark.slow
+def test_a_token_cluster_refuses_whoever_lacks_the_token(token_head, tmp_path):
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+    join = f"import ray; ray.init(address={token_head['gcs']!r}); print('joined', ray.cluster_resources()['CPU'])"
+    # a driver joining the GCS without the token (gives up after 2 tries, not Ray's 20 one-second ones)
+    refused = subprocess.Popen([sys.executable, "-c", join], env={**clean, "RAY_NUM_REDIS_GET_RETRIES": "2"},
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+    # the dashboard's job API: 401 without a token, 403 with a wrong one
+    jobs = token_head["address"] + "/api/jobs/"
+    assert (status(jobs), status(jobs, "0" * 64), status(jobs, token_head["token"])) == (401, 403, 200)
+    # `pixelray jobs` says what is missing, and sends the token of RAY_AUTH_TOKEN_PATH (a file, as users keep it)
+    without = pixelray("jobs", "list", "--address", token_head["address"], timeout=60)
+    assert without.returncode == 2 and "Authentication required" in without.stderr, without.stderr[-2000:]
+    assert "RAY_AUTH_TOKEN" in without.stderr
+    (tmp_path / "token").write_text(token_head["token"] + "\n")
+    with_token = subprocess.run([sys.executable, "-m", "pixelray.cli", "jobs", "list", "--address",
+                                 token_head["address"]], cwd=PROJECT, capture_output=True, text=True, timeout=60,
+                                env={**clean, "RAY_AUTH_TOKEN_PATH": str(tmp_path / "token")})
+    assert with_token.returncode == 0 and with_token.stdout.startswith("JOB"), with_token.stderr[-2000:]
+
+    out, err = refused.communicate(timeout=120)
+    assert refused.returncode != 0 and "joined" not in out and "InvalidAuthToken" in err, err[-2000:]
+    joined = subprocess.run([sys.executable, "-c", join], capture_output=True, text=True, timeout=120,
+                            env={**clean, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token_head["token"]})
+    assert joined.returncode == 0 and "joined 1.0" in joined.stdout, joined.stderr[-2000:]
