@@ -1,7 +1,9 @@
 """Bounded conversation state for `/chat`: an LRU of conversations, each forgotten after `ttl_s`
-idle and each at most `max_turns` user turns long.
+idle and each at most `max_turns` user turns long, whose images together hold at most
+`max_image_bytes` (past it, the least recently used conversations are forgotten first). The route
+keeps each image only as large as its model uses it (ImageFit).
 
-    store = ConversationStore(max_conversations=1024, max_turns=16, ttl_s=3600)
+    store = ConversationStore(max_conversations=1024, max_turns=16, ttl_s=3600, max_image_bytes=256 << 20)
     cid, convo = store.open(None)          # a new conversation (or the one an id names)
     convo.messages / convo.images          # the chat so far, in the generators' chat format
     store.commit(cid, convo, user_message, image, reply)
@@ -35,12 +37,27 @@ class Conversation:
     def turns(self) -> int:
         return sum(1 for m in self.messages if m["role"] == "user")
 
+    @property
+    def image_bytes(self) -> int:
+        return sum(image_bytes(im) for im in self.images)
+
+
+def image_bytes(image: Image.Image) -> int:
+    """What a decoded image holds in memory."""
+    return image.width * image.height * len(image.getbands())
+
 
 class ConversationStore:
     def __init__(self, max_conversations: int = 1024, max_turns: int = 16, ttl_s: float = 3600.0,
-                 clock: Callable[[], float] = time.monotonic):
+                 max_image_bytes: int = 256 << 20, clock: Callable[[], float] = time.monotonic):
         self.max_conversations, self.max_turns, self.ttl_s, self.clock = max_conversations, max_turns, ttl_s, clock
+        self.max_image_bytes = max_image_bytes
         self._items: OrderedDict[str, Conversation] = OrderedDict()
+
+    @property
+    def image_bytes(self) -> int:
+        """The memory the kept conversations' images hold."""
+        return sum(convo.image_bytes for convo in self._items.values())
 
     def __len__(self) -> int:
         self._expire()
@@ -82,3 +99,8 @@ class ConversationStore:
         self._items.move_to_end(cid)
         while len(self._items) > self.max_conversations:
             self._items.popitem(last=False)
+        total = self.image_bytes
+        for old in [c for c, other in self._items.items() if c != cid and not other.busy]:  # oldest first
+            if total <= self.max_image_bytes:
+                break
+            total -= self._items.pop(old).image_bytes

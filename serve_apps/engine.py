@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 from PIL import Image
 from ray import serve
 
-from pixelray.generators import GenerationConfig, GenerationResult, Message, resolve_generator
+from pixelray.generators import GenerationConfig, GenerationResult, ImageFit, Message, resolve_generator
 from pixelray.generators.vllm import AsyncVLLMEngine
 
 
@@ -31,6 +31,9 @@ class VLLMModel:
                      config: GenerationConfig) -> AsyncIterator[str | GenerationResult]:
         async for piece in self.engine.stream(conversation, images, config):
             yield piece
+
+    def image_fit(self) -> ImageFit | None:
+        return self.engine.prompts.image_fit
 
     async def stats(self) -> dict:
         """Requests in the engine now, running or waiting; those cancelled so far, and the last one's tokens."""

@@ -3,7 +3,7 @@
 Concurrent requests are gathered by `@serve.batch` (up to `max_batch_size`, waiting at most
 `batch_wait_timeout_s`) and generated together, one `Generator.chat` call per distinct decoding
 config in the batch. `max_batch_size: 1` turns batching off. Streaming requests generate alone (in
-a thread) and send text pieces as the tokens come.
+a thread) and send text pieces as the tokens come; a client that goes away stops its generation.
 
 A batch is generated on the replica's event loop, blocking it, on purpose: Serve forms the next
 batch as soon as the previous one starts, so a batch handler that yields while the model works
@@ -17,12 +17,13 @@ A hybrid model, whose batch mostly waits on its LLM server, runs in a thread ins
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import AsyncIterator
 
 from PIL import Image
 from ray import serve
 
-from pixelray.generators import GenerationConfig, GenerationResult, Message, create_generator
+from pixelray.generators import GenerationConfig, GenerationResult, ImageFit, Message, create_generator
 from pixelray.generators.streaming import stream_reply
 
 Item = tuple[list[Message], list[Image.Image], GenerationConfig]
@@ -33,6 +34,7 @@ class VLMModel:
     def __init__(self, model: str, device: str = "auto", dtype: str = "auto", max_batch_size: int = 8,
                  batch_wait_timeout_s: float = 0.01):
         self.generator = create_generator(model, device=device, dtype=dtype)
+        self.cancelled = self.last_cancelled_tokens = 0
         self.generate_batch.set_max_batch_size(max_batch_size)
         self.generate_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
 
@@ -62,7 +64,22 @@ class VLMModel:
 
     async def stream(self, conversation: list[Message], images: list[Image.Image],
                      config: GenerationConfig) -> AsyncIterator[str | GenerationResult]:
-        pieces = stream_reply(self.generator, conversation, images, config)
-        while (piece := await asyncio.to_thread(next, pieces, None)) is not None:
-            yield piece
+        cancel = threading.Event()
+        pieces = stream_reply(self.generator, conversation, images, config, cancel, self._cancelled)
+        try:
+            while (piece := await asyncio.to_thread(next, pieces, None)) is not None:
+                yield piece
+        finally:
+            cancel.set()  # the client went away (Serve cancels the call): the generation stops at its next token
+
+    def image_fit(self) -> ImageFit | None:
+        """How far an image may be scaled down before this model sees less of it (/chat keeps images so)."""
+        return self.generator.image_fit
+
+    def _cancelled(self, tokens: int) -> None:
+        self.cancelled, self.last_cancelled_tokens = self.cancelled + 1, tokens
+
+    def stats(self) -> dict[str, int]:
+        """Streams stopped because their client went away, and the tokens the last one had generated."""
+        return {"cancelled": self.cancelled, "last_cancelled_tokens": self.last_cancelled_tokens}
 

@@ -37,9 +37,11 @@ async def chat_completions(request: Request, server: Server = Depends(current)) 
     body: ChatCompletionRequest = await server.admission.json(request, ChatCompletionRequest)
     name, handle = server.model(body.model)
     conversation, images = await openai_conversation(body.messages, server.limits, server.args.image_url_hosts,
-                                                     server.args.max_images_per_request)
+                                                     server.args.max_images_per_request,
+                                                     server.args.image_url_timeout_s)
     configs = [server.config(name, **settings) for settings in body.to_generation_settings()]
     if body.stream:
+        server.check_prompt(conversation)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         return StreamingResponse(_events(handle, name, conversation, images, configs, include_usage),
                                  media_type="text/event-stream")

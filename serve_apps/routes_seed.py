@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
@@ -34,7 +35,7 @@ async def _ask(server: Server, request: Request, form_model: type[BaseModel], pr
     """A multipart request about one image -> (its form, the model's name, the reply); `models`: the
     ones this route may use (default: all), the first of them when the form names none."""
     form, data = await server.admission.form(request, form_model)
-    image = image_from_bytes(data, server.limits)
+    image = await image_from_bytes(data, server.limits)
     name, handle = server.model(form.model, models)
     config = server.config(name, form.max_new_tokens, temperature=getattr(form, "temperature", 0.0))
     return form, name, await server.generate(handle, [user_turn(getattr(form, prompt))], [image], config)
@@ -67,7 +68,7 @@ async def hybrid(request: Request, server: Server = Depends(current)) -> Caption
 @router.post("/chat")
 async def chat(request: Request, server: Server = Depends(current)) -> ChatResponse:
     body: ChatRequest = await server.admission.json(request, ChatRequest)
-    image = image_from_data_url(body.image_base64, server.limits, "image_base64") if body.image_base64 else None
+    image = await image_from_data_url(body.image_base64, server.limits, "image_base64") if body.image_base64 else None
     name, handle = server.model(body.model)
     config = server.config(name, body.max_new_tokens, temperature=body.temperature)
     cid, convo = server.conversations.open(body.conversation_id)
@@ -78,6 +79,8 @@ async def chat(request: Request, server: Server = Depends(current)) -> ChatRespo
             raise PixelrayError(f"conversation {cid} holds {len(convo.images)} images, the most it may: start a new "
                                 "one", 409, "too_many_images")
         result = await server.generate(handle, convo.messages + [user], images, config)
+        if image is not None and (fit := await server.image_fit(name, handle)) is not None:
+            image = await asyncio.to_thread(fit.apply, image)  # kept only as large as the model uses it
     except BaseException:
         server.conversations.release(convo)
         raise

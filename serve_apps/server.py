@@ -11,7 +11,7 @@ from ray.serve.exceptions import BackPressureError
 from ray.serve.handle import DeploymentHandle
 
 from pixelray.errors import PixelrayError
-from pixelray.generators import GenerationConfig, GenerationResult, Message
+from pixelray.generators import GenerationConfig, GenerationResult, ImageFit, Message
 from pixelray.serve_apps.admission import Admission, validated
 from pixelray.serve_apps.conversations import ConversationStore
 from pixelray.serve_apps.settings import AppArgs
@@ -25,8 +25,10 @@ class Server:
         self.default_model = next(iter(models))
         self.max_new_tokens = {m.name: m.max_new_tokens for m in args.models}
         self.limits = args.image_limits
-        self.admission = Admission(args.api_key, args.max_request_bytes, args.max_image_bytes)
-        self.conversations = ConversationStore(args.chat_max_conversations, args.chat_max_turns, args.chat_ttl_s)
+        self.admission = Admission(args.api_key, args.max_request_bytes, args.max_image_bytes, args.body_timeout_s)
+        self.conversations = ConversationStore(args.chat_max_conversations, args.chat_max_turns, args.chat_ttl_s,
+                                               args.chat_max_image_bytes)
+        self.image_fits: dict[str, ImageFit | None] = {}  # by model: asked of its deployment once
 
     def model(self, name: str | None, allowed: list[str] | None = None) -> tuple[str, DeploymentHandle]:
         """The model a request names (or the default: the first of `allowed`, else of all); 404 otherwise."""
@@ -47,11 +49,27 @@ class Server:
                                 "max_tokens_too_large")
         return validated(GenerationConfig, {"max_new_tokens": max_new_tokens, **settings})
 
+    async def image_fit(self, name: str, handle: DeploymentHandle) -> ImageFit | None:
+        """How far the model `name` lets an image be scaled down (None: not at all)."""
+        if name not in self.image_fits:
+            self.image_fits[name] = await handle.image_fit.remote()
+        return self.image_fits[name]
+
+    def check_prompt(self, conversation: list[Message]) -> None:
+        """A 413 for a conversation whose text is over `max_prompt_chars`, before any model tokenises it
+        (the model itself refuses a prompt longer than its context, and cuts the reply to the room left)."""
+        chars = sum(len(c) if isinstance(c, str) else sum(len(p.get("text") or "") for p in c)
+                    for c in (m["content"] for m in conversation))
+        if chars > self.args.max_prompt_chars:
+            raise PixelrayError(f"the prompt is {chars:,} characters, over this server's limit of "
+                                f"{self.args.max_prompt_chars:,}", 413, "prompt_too_long")
+
     async def generate(self, handle: DeploymentHandle, conversation: list[Message], images: list,
                        config: GenerationConfig) -> GenerationResult:
         """One reply; a request whose replica died is sent again (up to `retries` times), an overload is a
         503, a PixelrayError from the model (a hybrid's LLM server failing: 502 or 503) keeps its status,
         and a ValueError (an input the model cannot take) is a 400."""
+        self.check_prompt(conversation)
         for attempt in range(self.args.retries + 1):
             try:
                 return await handle.generate.remote(conversation, images, config)

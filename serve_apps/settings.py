@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from pixelray.device import DeviceName, DtypeName
 from pixelray.generators import resolve_generator
 from pixelray.images import MAX_REQUEST_BYTES, UPLOAD_LIMITS, ImageLimits
+from pixelray.serve_apps.fetch import normal_host, parse_allow_list
 
 
 class Strict(BaseModel):
@@ -51,14 +52,23 @@ class ModelArgs(Strict):
 class AppArgs(Strict):
     models: list[ModelArgs] = Field(default_factory=lambda: [ModelArgs(name="shapes-demo")], min_length=1)
     api_key: str | None = Field(default_factory=lambda: os.environ.get("PIXELRAY_API_KEY") or None)
-    image_url_hosts: list[str] = []  # hosts whose http(s) image URLs may be fetched (default: none)
-    max_request_bytes: int = Field(MAX_REQUEST_BYTES, ge=1024)
+    # where http(s) image URLs may be fetched from (default: nowhere): `host` (ports 80 and 443) or `host:port`;
+    # a name that resolves to a loopback or private address is refused, an IP address listed as such is not
+    image_url_hosts: list[str] = []
+    image_url_timeout_s: float = Field(10.0, gt=0)  # to fetch an image URL whole
+    # the names clients call this server by (the Host header; a POST's Origin too), besides localhost,
+    # 127.0.0.1, ::1 and the address a request came in on; `*.example.com` for subdomains, `*` for any name
+    allowed_hosts: list[str] = []
+    max_request_bytes: int = Field(MAX_REQUEST_BYTES, ge=1024)  # chunked bodies too: counted as they arrive
+    body_timeout_s: float = Field(60.0, gt=0)  # a request body must have arrived whole within this
     max_image_bytes: int = Field(UPLOAD_LIMITS.max_bytes, ge=1024)
     max_image_pixels: int = Field(UPLOAD_LIMITS.max_pixels, ge=1)
+    max_prompt_chars: int = Field(100_000, ge=1)  # the text of a request's conversation, before it is tokenised
     max_images_per_request: int = Field(4, ge=1)  # also the most a /chat conversation collects
     chat_max_turns: int = Field(16, ge=1)
     chat_max_conversations: int = Field(1024, ge=1)
     chat_ttl_s: float = Field(3600.0, gt=0)
+    chat_max_image_bytes: int = Field(256 << 20, ge=1)  # all conversations' kept images, decoded, together
     ingress_num_cpus: float = Field(0.1, ge=0)
     # requests the ingress holds at once (it only parses and awaits; the models' limits do the throttling)
     ingress_max_ongoing_requests: int = Field(256, ge=1)
@@ -72,10 +82,24 @@ class AppArgs(Strict):
             value = [{"name": n.strip()} for n in value.split(",") if n.strip()]
         return [{"name": v} if isinstance(v, str) else v for v in value]
 
-    @field_validator("image_url_hosts", mode="before")
+    @field_validator("image_url_hosts", "allowed_hosts", mode="before")
     @classmethod
     def _hosts(cls, value):
         return [h.strip() for h in value.split(",") if h.strip()] if isinstance(value, str) else value
+
+    @field_validator("image_url_hosts")
+    @classmethod
+    def _image_url_hosts(cls, value: list[str]) -> list[str]:
+        parse_allow_list(value)  # a bad entry fails the app's build, not each request
+        return value
+
+    @field_validator("allowed_hosts")
+    @classmethod
+    def _allowed_hosts(cls, value: list[str]) -> list[str]:
+        for name in value:
+            if name != "*":
+                normal_host(name.removeprefix("*."))
+        return value
 
     @property
     def image_limits(self) -> ImageLimits:

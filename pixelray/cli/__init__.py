@@ -184,12 +184,15 @@ def _run_shapes(args: argparse.Namespace) -> int:
 def _run_serve(args: argparse.Namespace) -> int:
     from ray.serve.scripts import cli as serve_cli
 
+    from pixelray.cli.stop import stops_cleanly
+
     if args.config and args.arguments:
         raise PixelrayError("key=value arguments go with the app builder; put them in the config file instead")
     command = ["run", args.config or args.app, *args.arguments]
     if args.address:
         command += ["--address", args.address]
-    serve_cli.main(command, prog_name="serve", standalone_mode=False)
+    with stops_cleanly():  # Ctrl-C or SIGTERM: Serve and the Ray it started stop, no process is left
+        serve_cli.main(command, prog_name="serve", standalone_mode=False)
     return 0
 
 

@@ -21,10 +21,10 @@ from urllib.parse import parse_qsl, urlencode
 
 from pydantic import BaseModel, ConfigDict
 
-from pixelray.generators.base import (DEFAULT_PROMPT, GenerationConfig, GenerationResult, Generator, Message,
+from pixelray.generators.base import (DEFAULT_PROMPT, GenerationConfig, GenerationResult, Generator, ImageFit, Message,
                                       user_turn)
 
-__all__ = ["DEFAULT_PROMPT", "GenerationConfig", "GenerationResult", "Generator", "Message", "user_turn",
+__all__ = ["DEFAULT_PROMPT", "GenerationConfig", "GenerationResult", "Generator", "ImageFit", "Message", "user_turn",
            "GeneratorSpec", "REGISTRY", "resolve_generator", "create_generator", "check_loadable", "list_generators",
            "with_setting"]
 

@@ -26,8 +26,10 @@ A backend implements `chat_batch`; everything else is built on it here.
 
 from __future__ import annotations
 
+import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any, Literal
 
 from PIL import Image
@@ -62,6 +64,33 @@ class GenerationResult:
 def user_turn(prompt: str, with_image: bool = True) -> Message:
     content = ([{"type": "image"}] if with_image else []) + [{"type": "text", "text": prompt}]
     return {"role": "user", "content": content}
+
+
+@lru_cache(maxsize=16)
+def special_tokens(tokenizer) -> re.Pattern | None:
+    """What a tokenizer reads as one special token wherever it appears in a prompt (`<image>`, `<|im_end|>`)."""
+    specials = {t.content for t in tokenizer.added_tokens_decoder.values() if t.special and len(t.content) > 1}
+    return re.compile("|".join(map(re.escape, sorted(specials, key=len, reverse=True)))) if specials else None
+
+
+def literal_text(conversations: list[list[Message]], tokenizer) -> list[list[Message]]:
+    """The conversations with their text kept as text: a special token's string typed into a message is broken
+    by a zero-width space after its first character, so it is tokenised as the characters it reads as and
+    never becomes the token (an image placeholder, an end of turn). Templates add the real ones."""
+    if (pattern := special_tokens(tokenizer)) is None:
+        return conversations
+
+    def text(s: str) -> str:
+        return pattern.sub(lambda m: m[0][0] + "\u200b" + m[0][1:], s)
+
+    def message(m: Message) -> Message:
+        content = m["content"]
+        if isinstance(content, str):
+            return {**m, "content": text(content)}
+        return {**m, "content": [{**c, "text": text(c["text"])} if c.get("type") == "text" and isinstance(
+            c.get("text"), str) else c for c in content]}
+
+    return [[message(m) for m in c] for c in conversations]
 
 
 def reply_text(decoded: str) -> str:
@@ -125,6 +154,23 @@ def decoding_kwargs(config: GenerationConfig, pad_id: int | None, tokenizer) -> 
     return kwargs
 
 
+def context_length(model_config) -> int | None:
+    """The most positions the model's language model takes (None when its config does not say)."""
+    text = model_config.get_text_config() if hasattr(model_config, "get_text_config") else model_config
+    return getattr(text, "max_position_embeddings", None)
+
+
+def within_context(prompt_tokens: int, config: GenerationConfig, context: int | None) -> GenerationConfig:
+    """`config` with max_new_tokens cut to the room the prompt leaves in the context (the reply then ends
+    with finish_reason "length"); a prompt that fills the context is refused (ValueError) before it runs."""
+    if context is None or prompt_tokens + config.max_new_tokens <= context:
+        return config
+    if prompt_tokens >= context:
+        raise ValueError(f"the prompt is {prompt_tokens:,} tokens (images included), over the model's context of "
+                         f"{context:,}: shorten it")
+    return config.model_copy(update={"max_new_tokens": context - prompt_tokens})
+
+
 def end_and_pad_ids(generation_config, tokenizer) -> tuple[set[int], int | None]:
     """The ids that end a reply (the model's eos, which may be several) and the padding id."""
     eos = generation_config.eos_token_id
@@ -155,12 +201,36 @@ def decode_result(tokens: list[int], tokenizer, end_ids: set[int], pad_id: int |
                             prompt_tokens=prompt_tokens)
 
 
+@dataclass(frozen=True)
+class ImageFit:
+    """How far an image can be scaled down before the model's own preprocessing sees less of it: its
+    shorter side to `short_side`, its longer side to `long_side`, its area to `pixels` (None: no bound)."""
+
+    short_side: int | None = None
+    long_side: int | None = None
+    pixels: int | None = None
+
+    def scale(self, width: int, height: int) -> float:
+        bounds = [(self.short_side, min(width, height)), (self.long_side, max(width, height)),
+                  (self.pixels ** 0.5 if self.pixels else None, (width * height) ** 0.5)]
+        return min([1.0] + [limit / size for limit, size in bounds if limit and size > limit])
+
+    def apply(self, image: Image.Image) -> Image.Image:
+        """The image scaled down (aspect kept) to what the model uses of it; as it is when already small."""
+        scale = self.scale(*image.size)
+        if scale >= 1.0:
+            return image
+        size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+        return image.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
+
+
 class Generator(ABC):
     """A loaded vision-language model."""
 
     name: str
     tokenizer: Any  # decodes the ids a `streamer` is given
     waits_on_network = False  # True when generating mostly waits on another server (the hybrid)
+    image_fit: ImageFit | None = None  # what the model's preprocessing keeps of an image (None: unknown)
 
     @abstractmethod
     def chat_batch(self, conversations: list[list[Message]], images: list[list[Image.Image]],

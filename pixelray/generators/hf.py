@@ -13,8 +13,9 @@ from PIL import Image
 
 from pixelray.device import resolve_device, resolve_dtype
 from pixelray.generators.base import (GenerationConfig, GenerationResult, Generator, Message, check_batch,
-                                      decode_results, decoding_kwargs, end_and_pad_ids)
-from pixelray.generators.families import chat_prompts, family
+                                      context_length, decode_results, decoding_kwargs, end_and_pad_ids,
+                                      within_context)
+from pixelray.generators.families import chat_prompts, family, processor_fit
 from pixelray.hub import not_available
 
 
@@ -30,9 +31,11 @@ class PretrainedGenerator(Generator):
         self.tokenizer = getattr(self.processor, "tokenizer", self.processor)
         self.tokenizer.padding_side = "left"
         self.end_ids, self.pad_id = end_and_pad_ids(self.model.generation_config, self.tokenizer)
+        self.context = context_length(self.model.config)
 
     def _generate(self, inputs: dict, config: GenerationConfig, streamer) -> list[GenerationResult]:
-        """model.generate on a left-padded batch, its new tokens decoded per prompt."""
+        """model.generate on a left-padded batch, its new tokens decoded per prompt (as many as the context holds)."""
+        config = within_context(inputs["input_ids"].shape[1], config, self.context)
         out = self.model.generate(**inputs, streamer=streamer, **decoding_kwargs(config, self.pad_id, self.tokenizer))
         return decode_results(out[:, inputs["input_ids"].shape[1]:], inputs["attention_mask"], self.tokenizer,
                               self.end_ids, self.pad_id, config)
@@ -45,6 +48,7 @@ class HFGenerator(PretrainedGenerator):
 
         super().__init__(AutoModelForImageTextToText, AutoProcessor, source, device, dtype, quantization, name)
         self.family = family(self.model.config.model_type)
+        self.image_fit = processor_fit(getattr(self.processor, "image_processor", None))
 
     def prompts(self, conversations: list[list[Message]]) -> list[str]:
         return chat_prompts(self.processor, self.family, conversations)

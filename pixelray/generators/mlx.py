@@ -24,8 +24,8 @@ from urllib.parse import parse_qsl
 
 from PIL import Image
 
-from pixelray.generators.base import (GenerationConfig, GenerationResult, Generator, Message, check_batch, count_images,
-                                      cut_at_stop)
+from pixelray.generators.base import (GenerationConfig, GenerationResult, Generator, ImageFit, Message, check_batch,
+                                      count_images, cut_at_stop, literal_text)
 from pixelray.hub import not_available
 
 INSTALL = ("the mlx backend needs mlx-vlm: `pip install 'pixelray[mlx]'` (Apple silicon; on Linux x86_64 it "
@@ -61,11 +61,13 @@ class MLXGenerator(Generator):
             raise not_available(source, e) from None
         self.tokenizer = getattr(self.processor, "tokenizer", self.processor)
         self.max_image_size, self.min_image_size = max_image_size, min_image_size
+        self.image_fit = ImageFit(long_side=max_image_size)
         self._lock = threading.Lock()
 
     def prompt(self, conversation: list[Message]) -> str:
         from mlx_vlm.prompt_utils import apply_chat_template
 
+        conversation = literal_text([conversation], self.tokenizer)[0]
         return apply_chat_template(self.processor, self.model.config, conversation,
                                    num_images=count_images(conversation))
 

@@ -7,8 +7,9 @@ from PIL import Image
 
 from pixelray.device import resolve_device, resolve_dtype
 from pixelray.encoders import open_clip_preprocess_cfg, open_clip_transform
-from pixelray.generators.base import (GenerationConfig, GenerationResult, Generator, Message, check_batch,
-                                      decode_results, decoding_kwargs, end_and_pad_ids)
+from pixelray.generators.base import (GenerationConfig, GenerationResult, Generator, ImageFit, Message, check_batch,
+                                      context_length, decode_results, decoding_kwargs, end_and_pad_ids,
+                                      literal_text, within_context)
 from pixelray.hub import not_available
 
 # Used when the saved tokenizer carries no chat template of its own (Qwen2 style).
@@ -40,21 +41,27 @@ class PixelRayGenerator(Generator):
         if self.tokenizer.chat_template is None:
             self.tokenizer.chat_template = CHAT_TEMPLATE
         config = self.model.config
-        self.transform = open_clip_transform(open_clip_preprocess_cfg(config.vision_config,
-                                                                      config.vision_preprocess))
+        preprocess = open_clip_preprocess_cfg(config.vision_config, config.vision_preprocess)
+        self.transform = open_clip_transform(preprocess)
+        side = preprocess["size"] if isinstance(preprocess["size"], int) else max(preprocess["size"])
+        # open_clip resizes the shorter side to `size` and crops (or squashes), or with "longest" fits the longer
+        self.image_fit = ImageFit(long_side=side) if preprocess.get("resize_mode") == "longest" else \
+            ImageFit(short_side=side)
         self.image_token, self.image_tokens = IMAGE_TOKEN, IMAGE_TOKEN * config.num_image_tokens
         self.end_ids, self.pad_id = end_and_pad_ids(self.model.language_model.generation_config, self.tokenizer)
+        self.context = context_length(self.model.language_model.config)
 
     def prompts(self, conversations: list[list[Message]]) -> list[str]:
         """Chat-templated prompts, each <image> expanded to one token per patch."""
         return [self.tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False)
-                .replace(self.image_token, self.image_tokens) for c in conversations]
+                .replace(self.image_token, self.image_tokens) for c in literal_text(conversations, self.tokenizer)]
 
     @torch.inference_mode()
     def chat_batch(self, conversations: list[list[Message]], images: list[list[Image.Image]],
                    config: GenerationConfig = GenerationConfig(), streamer=None) -> list[GenerationResult]:
         check_batch(conversations, images)
         enc = self.tokenizer(self.prompts(conversations), padding=True, return_tensors="pt").to(self.device)
+        config = within_context(enc["input_ids"].shape[1], config, self.context)
         flat = [im for ims in images for im in ims]
         pixels = torch.stack([self.transform(im) for im in flat]).to(self.device, self.dtype) if flat else None
         out = self.model.generate(enc["input_ids"], pixels, enc["attention_mask"],

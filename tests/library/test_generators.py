@@ -100,3 +100,25 @@ def test_models_list_says_what_is_cached(monkeypatch, tmp_path):
     assert {name for name, (_, _, where) in listed.items() if where == "offline"} == {
         "smolvlm-256m", "smolvlm-256m-vllm", "shapes-demo"}
     assert listed["hybrid"][2] == "server"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_an_image_scaled_to_its_fit_looks_the_same_to_the_model(generators, family):
+    """What /chat keeps of an image (ImageFit) is what the model's preprocessing makes of the original."""
+    import numpy as np
+    from PIL import Image
+
+    gen = generators[family]
+    ramp = np.linspace(0, 255, 1200)
+    image = Image.fromarray(np.stack([np.add.outer(ramp[:800] / 2, ramp / 2), np.add.outer(ramp[:800], 0 * ramp),
+                                      np.add.outer(0 * ramp[:800], ramp)], -1).clip(0, 255).astype(np.uint8))
+    small = gen.image_fit.apply(image)
+    assert small.width * small.height < image.width * image.height / 4
+
+    def pixels(im):
+        if family == "pixelray":
+            return gen.transform(im).numpy()
+        return gen.processor.image_processor(images=[im], return_tensors="np")["pixel_values"]
+
+    original, fitted = pixels(image), pixels(small)
+    assert original.shape == fitted.shape and np.abs(original - fitted).max() < 0.05

@@ -139,3 +139,19 @@ def test_hybrid_endpoint_and_v1_model(llm_app):
             {"type": "image_url", "image_url": {"url": url}}, {"type": "text", "text": "hi"}]}]})
     assert text_only.status_code == 400 and "text-only" in text_only.json()["error"]["message"]
 
+
+
+def test_hybrid_route_502_for_answers_of_the_wrong_shape_or_size(llm_app, garbage_llm):
+    """Through /hybrid over real HTTP: an LLM server that answers valid JSON of another shape, or a body
+    over 8 MiB, is a 502 with a JSON error body that says what was wrong (not a 500)."""
+    try:
+        for mode, match in [("choices_not_list", "choices: Input should be a valid list"),
+                            ("usage_not_object", "usage: Input should be a valid dictionary"),
+                            ("not_an_object", "JSON that is not what /chat/completions returns"),
+                            ("huge_unsized", "over 8,388,608 bytes")]:
+            garbage_llm.mode = mode
+            r = _post_image(llm_app["url"], "/hybrid", model="hybrid-garbage", max_new_tokens=6)
+            assert r.status_code == 502, (mode, r.status_code, r.text)
+            assert r.json()["error"]["type"] == "server_error" and match in r.json()["error"]["message"], r.text
+    finally:
+        garbage_llm.mode = "no_choices"
