@@ -20,24 +20,23 @@ from PIL import Image
 
 from pixelray.generators import (GenerationConfig, GeneratorSpec, check_loadable, create_generator,
                                  resolve_generator, user_turn, with_setting)
-from pixelray.errors import PixelrayError
+from pixelray.errors import TRANSIENT, PixelrayError
 from pixelray.images import ImageLimits
 from pixelray.pipelines.config import CaptionConfig
 from pixelray.pipelines.decode import decode_rows, error_columns
-from pixelray.pipelines.job import JobSummary, open_store, start, write
+from pixelray.pipelines.job import JobSummary, Pass, open_store, start, write
 from pixelray.pipelines.sources import read_images, resolve_input, resolve_questions
 
 
 def decode_for_generation(batch: dict[str, np.ndarray], limits: ImageLimits, max_side: int,
                           prompt: str) -> dict[str, np.ndarray]:
-    """Bytes -> RGB arrays (at most max_side on the long side); the prompt each row is asked."""
-    decoded = decode_rows(batch, limits)
+    """Bytes -> RGB arrays (at most max_side on the long side, as soon as each is decoded); the prompt
+    each row is asked."""
+    decoded = decode_rows(batch, limits, max_side=max_side)
     n = len(batch["data"])
     images = np.empty(n, dtype=object)
     for i in range(n):
         img = decoded.images.get(i)
-        if img is not None and max(img.size) > max_side:
-            img.thumbnail((max_side, max_side), Image.Resampling.BICUBIC)
         images[i] = np.asarray(img) if img is not None else np.zeros((1, 1, 3), np.uint8)
     prompts = batch["question"] if "question" in batch else np.array([prompt] * n, dtype=object)
     return decoded.columns(batch, image=images, prompt=prompts)
@@ -66,7 +65,8 @@ class CaptionActor:
                                                  self.config)
             for i, r in zip(ok, outcomes):
                 if isinstance(r, Exception):  # this item failed (an LLM server down, an input refused): an error row
-                    batch["error_type"][i], batch["error"][i] = "generation", f"{type(r).__name__}: {r}"
+                    kind = TRANSIENT if getattr(r, "transient", False) else "generation"  # --resume retries TRANSIENT
+                    batch["error_type"][i], batch["error"][i] = kind, f"{type(r).__name__}: {r}"
                 else:
                     texts[i], tokens[i], finish[i] = r.text, r.num_tokens, r.finish_reason
         vqa = "question" in batch
@@ -111,24 +111,29 @@ def run_caption(cfg: CaptionConfig) -> JobSummary:
         raise ValueError("questions need image files (a folder, glob, list or questions file), not shards")
     store, done = open_store(cfg.out, "captions", cfg.manifest(spec), resume=cfg.resume, overwrite=cfg.overwrite,
                              key="item_id" if vqa else "image_id")
-    batch_size = cfg.model_batch_size(spec)
-    rows_per_block = 4 * batch_size
-    plan = start(source, cfg.out, address=cfg.address, num_actors=cfg.num_generators, device=cfg.device,
-                 rows_per_block=rows_per_block, mlx=spec.backend == "mlx", gpus_per_actor=cfg.tensor_parallel_size,
-                 whole_node=spec.backend == "vllm")
+    with store:  # the store stays locked until the job ends, however it ends
+        batch_size = cfg.model_batch_size(spec)
+        rows_per_block = 4 * batch_size
+        plan = start(source, cfg.out, address=cfg.address, num_actors=cfg.num_generators, device=cfg.device,
+                     rows_per_block=rows_per_block, mlx=spec.backend == "mlx",
+                     gpus_per_actor=cfg.tensor_parallel_size, whole_node=spec.backend == "vllm")
 
-    ds = read_images(source, done, rows_per_block=rows_per_block)
-    ds = ds.map_batches(decode_for_generation, batch_size=batch_size, batch_format="numpy",
-                        fn_kwargs={"limits": cfg.limits, "max_side": cfg.max_side, "prompt": cfg.prompt},
-                        num_cpus=cfg.decode_cpus)
-    ds = ds.map_batches(
-        CaptionActor, batch_size=batch_size, batch_format="numpy",
-        fn_constructor_kwargs={"spec_json": spec.model_dump_json(), "device": cfg.device, "dtype": cfg.dtype,
-                               "quantization": cfg.quantization,
-                               "generation_json": cfg.generation.model_dump_json(),
-                               "torch_threads": plan.torch_threads},
-        compute=ray.data.ActorPoolStrategy(size=plan.size), **plan.remote_args(),
-    )
-    return write(ds, store, cfg.rows_per_file, job="caption", verb="answers" if vqa else "images captioned",
-                 previously_stored=len(done), unit="items" if vqa else "images")
+        def pipeline(run: Pass) -> ray.data.Dataset:
+            ds = read_images(source, run.done, rows_per_block=run.size(rows_per_block), max_bytes=cfg.max_image_bytes,
+                             task_args=run.task_args())
+            ds = ds.map_batches(decode_for_generation, batch_size=run.size(batch_size), batch_format="numpy",
+                                fn_kwargs={"limits": cfg.limits, "max_side": cfg.max_side, "prompt": cfg.prompt},
+                                num_cpus=cfg.decode_cpus, **run.task_args())
+            return ds.map_batches(
+                CaptionActor, batch_size=run.size(batch_size), batch_format="numpy",
+                fn_constructor_kwargs={"spec_json": spec.model_dump_json(), "device": cfg.device, "dtype": cfg.dtype,
+                                       "quantization": cfg.quantization,
+                                       "generation_json": cfg.generation.model_dump_json(),
+                                       "torch_threads": plan.torch_threads},
+                **run.actor_args(plan.size), **plan.remote_args(),
+            )
+
+        return write(pipeline, source, store, done, rows_per_file=cfg.rows_per_file,
+                     max_task_retries=cfg.max_task_retries, max_crashed_blocks=cfg.max_crashed_blocks, job="caption",
+                     verb="answers" if vqa else "images captioned", unit="items" if vqa else "images")
 

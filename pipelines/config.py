@@ -31,7 +31,9 @@ class BatchConfig(BaseModel):
                                    "shards; any pyarrow filesystem URI (s3://, gs://, ...) works")
     out: str = Field(description="the store: an output directory or URI")
     batch_size: int = Field(BATCH_SIZE, ge=1, description="images per model call")
-    resume: bool = Field(False, description="continue a store, skipping the items already in it")
+    resume: bool = Field(False, description="continue a store, skipping the items already in it, except those "
+                                            "that failed for a passing reason (error_type transient: an LLM "
+                                            "server down, a timeout, HTTP 429 or 5xx), which are tried again")
     overwrite: bool = Field(False, description="replace an existing store")
     device: DeviceName = Field("auto", description="where the model runs")
     dtype: DtypeName = Field("auto", description="auto: bf16 on CUDA when supported, fp16 on other CUDA, else fp32")
@@ -39,6 +41,11 @@ class BatchConfig(BaseModel):
     max_image_bytes: int = Field(FILE_LIMITS.max_bytes, ge=1, description="larger files are error rows")
     max_image_pixels: int = Field(FILE_LIMITS.max_pixels, ge=1,
                                   description="larger images are error rows, refused before decoding")
+    max_task_retries: int = Field(2, ge=0, description="times a block is tried again after its worker died (a "
+                                                       "crash, an out-of-memory kill); then its images are tried "
+                                                       "one by one, and one that still kills its worker is an "
+                                                       "error row (worker_crashed)")
+    max_crashed_blocks: int = Field(16, ge=0)  # blocks left out that way before the job stops instead
     # differs from the actors' request, so that Ray keeps the decode and model stages apart
     decode_cpus: float = Field(1.0, gt=0)
     address: str | None = Field(None, description="Ray cluster address (default: RAY_ADDRESS, else a local Ray "

@@ -23,11 +23,16 @@ from pixelray.encoders import EncoderSpec, create_encoder, resolve_encoder
 from pixelray.images import ImageLimits
 from pixelray.pipelines.config import EmbedConfig
 from pixelray.pipelines.decode import decode_rows, error_columns
-from pixelray.pipelines.job import JobSummary, open_store, start, write
+from pixelray.pipelines.job import JobSummary, Pass, open_store, start, write
 from pixelray.pipelines.sources import read_images, resolve_input
 
 
 # --- stage 1: decode, validate, preprocess (CPU tasks) -----------------------------------------
+
+
+# An image is downscaled on decoding until its short side is this many times the encoder's input side:
+# enough margin that the encoder's own resize (and crop) gives the same pixels within resampling noise.
+DOWNSCALE_MARGIN = 2
 
 
 @functools.lru_cache(maxsize=4)
@@ -39,9 +44,10 @@ def _preprocessor(spec_json: str):
 
 
 def decode_batch(batch: dict[str, np.ndarray], spec_json: str, limits: ImageLimits) -> dict[str, np.ndarray]:
-    """Bytes -> pixel tensors; a bad image becomes a row with error_type/error set and zero pixels."""
+    """Bytes -> pixel tensors; a bad image becomes a row with error_type/error set and zero pixels. Each
+    image is downscaled as it is decoded, to DOWNSCALE_MARGIN times the encoder's input on its short side."""
     preprocess, shape = _preprocessor(spec_json)
-    decoded = decode_rows(batch, limits)
+    decoded = decode_rows(batch, limits, min_side=DOWNSCALE_MARGIN * max(shape[-2:]))
     pixels = np.zeros((len(batch["data"]), *shape), np.float32)
     if decoded.images:
         try:
@@ -109,20 +115,27 @@ def run_embed(cfg: EmbedConfig) -> JobSummary:
     spec = resolve_encoder(cfg.encoder)  # a bad name or missing model fails before any image is read
     source = resolve_input(cfg.input)
     store, done = open_store(cfg.out, "features", cfg.manifest(spec), resume=cfg.resume, overwrite=cfg.overwrite)
-    rows_per_block = 4 * cfg.batch_size
-    plan = start(source, cfg.out, address=cfg.address, num_actors=cfg.num_encoders, device=cfg.device,
-                 rows_per_block=rows_per_block)
-    spec_json = spec.model_dump_json()
+    with store:  # the store stays locked until the job ends, however it ends
+        rows_per_block = 4 * cfg.batch_size
+        plan = start(source, cfg.out, address=cfg.address, num_actors=cfg.num_encoders, device=cfg.device,
+                     rows_per_block=rows_per_block)
+        spec_json = spec.model_dump_json()
 
-    ds = read_images(source, done, rows_per_block=rows_per_block)
-    ds = ds.map_batches(decode_batch, fn_kwargs={"spec_json": spec_json, "limits": cfg.limits},
-                        batch_size=cfg.batch_size, batch_format="numpy", num_cpus=cfg.decode_cpus)
-    ds = ds.map_batches(
-        EmbedActor, batch_size=cfg.batch_size, batch_format="numpy",
-        fn_constructor_kwargs={"spec_json": spec_json, "device": cfg.device, "dtype": cfg.dtype,
-                               "normalize": cfg.normalize, "patches": cfg.patches,
-                               "torch_threads": plan.torch_threads},
-        compute=ray.data.ActorPoolStrategy(size=plan.size), **plan.remote_args(),
-    )
-    return write(ds, store, cfg.rows_per_file, job="embed", verb="images embedded", previously_stored=len(done))
+        def pipeline(run: Pass) -> ray.data.Dataset:
+            ds = read_images(source, run.done, rows_per_block=run.size(rows_per_block), max_bytes=cfg.max_image_bytes,
+                             task_args=run.task_args())
+            ds = ds.map_batches(decode_batch, fn_kwargs={"spec_json": spec_json, "limits": cfg.limits},
+                                batch_size=run.size(cfg.batch_size), batch_format="numpy", num_cpus=cfg.decode_cpus,
+                                **run.task_args())
+            return ds.map_batches(
+                EmbedActor, batch_size=run.size(cfg.batch_size), batch_format="numpy",
+                fn_constructor_kwargs={"spec_json": spec_json, "device": cfg.device, "dtype": cfg.dtype,
+                                       "normalize": cfg.normalize, "patches": cfg.patches,
+                                       "torch_threads": plan.torch_threads},
+                **run.actor_args(plan.size), **plan.remote_args(),
+            )
+
+        return write(pipeline, source, store, done, rows_per_file=cfg.rows_per_file,
+                     max_task_retries=cfg.max_task_retries, max_crashed_blocks=cfg.max_crashed_blocks, job="embed",
+                     verb="images embedded")
 

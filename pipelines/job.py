@@ -4,17 +4,22 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
+import pyarrow as pa
 import ray
 
-from pixelray.pipelines.sources import Source
-from pixelray.pipelines.store import Store
+from pixelray.errors import TRANSIENT, PixelrayError
+from pixelray.pipelines.sources import Source, item_ids
+from pixelray.pipelines.store import ERRORS, Store, WriteStats, write_parquet_atomic
 from pixelray.runtime import PoolPlan, cluster_resources, init_ray, plan_pool
 
 logger = logging.getLogger(__name__)
+
+WORKER_CRASHED = "worker_crashed"  # the error_type of an item that killed its worker each time it was tried alone
 
 
 @dataclass
@@ -41,15 +46,26 @@ class JobSummary:
         for table in (self.store.table, "errors"):
             rows, files = self.store.count(table)
             lines.append(f"  {table + ':':10s}{self.store.uri}/{table}  ({rows} rows in {files} files)")
+        for path, moved_to in self.store.quarantined:
+            lines.append(f"  unreadable, moved aside (its items were done again): {path} -> {moved_to}")
         return "\n".join(lines)
 
 
 def open_store(out: str, table: str, manifest: dict[str, Any], *, resume: bool, overwrite: bool,
                key: str = "image_id") -> tuple[Store, np.ndarray]:
-    """Create or check the store; returns it with the sorted keys it already holds."""
+    """Lock, create or check the store; returns it with the sorted keys it already holds. The job holds
+    the store's lock until it ends: use the store as a context manager (`with store:`) around the rest
+    of the job, so that it is released however the job ends."""
     store = Store(out, table, key=key)
     store.prepare(manifest, resume=resume, overwrite=overwrite)
-    return store, store.stored_ids()
+    try:
+        if resume and (retried := store.forget_errors([TRANSIENT])):
+            logger.warning("note: %d items that failed for a passing reason (error_type %s: an LLM server down, "
+                           "a timeout, HTTP 429 or 5xx) are tried again", retried, TRANSIENT)
+        return store, store.stored_ids()
+    except BaseException:
+        store.release()
+        raise
 
 
 def start(source: Source, out: str, *, address: str | None, num_actors: int | None, device: str,
@@ -67,12 +83,92 @@ def start(source: Source, out: str, *, address: str | None, num_actors: int | No
                      whole_node=whole_node)
 
 
-def write(ds: ray.data.Dataset, store: Store, rows_per_file: int, *, job: str, verb: str,
-          previously_stored: int, unit: str = "images") -> JobSummary:
-    """Run the pipeline into the store (this is where the work happens) and summarise it."""
-    sink = store.sink(rows_per_file)
+@dataclass(frozen=True)
+class Pass:
+    """One run of a job's pipeline (see `write`): over every item not in `done`, or `alone`: each item
+    in a block and a batch of its own, one block per model actor at a time, so that a crash costs only
+    the item that caused it. Its Ray options bound the retries of a block whose worker died."""
+
+    done: np.ndarray  # sorted keys (S32) already in the store: not read
+    max_task_retries: int
+    alone: bool = False
+
+    def size(self, n: int) -> int:
+        """Rows per block, or per batch: `n`, or 1 alone."""
+        return 1 if self.alone else n
+
+    def task_args(self) -> dict[str, Any]:
+        """map_batches options of a task stage: a task whose worker died is run again this many times."""
+        return {"max_retries": self.max_task_retries}
+
+    def actor_args(self, size: int) -> dict[str, Any]:
+        """map_batches options of the model stage: a dead actor is always restarted (it holds no state
+        worth losing the job for), the block it was working on is tried `max_task_retries` more times."""
+        return {"compute": ray.data.ActorPoolStrategy(size=size, max_tasks_in_flight_per_actor=1 if self.alone
+                                                      else None),
+                "max_restarts": -1, "max_task_retries": self.max_task_retries}
+
+
+def write(build: Callable[[Pass], ray.data.Dataset], source: Source, store: Store, done: np.ndarray, *,
+          rows_per_file: int, max_task_retries: int, max_crashed_blocks: int, job: str, verb: str,
+          unit: str = "images") -> JobSummary:
+    """Run the job's pipeline, `build(Pass(...))`, into the store (this is where the work happens) and
+    summarise it.
+
+    A block whose worker dies (a segfault, an out-of-memory kill) is tried `max_task_retries` more times,
+    then left out, up to `max_crashed_blocks` blocks; one more and the job stops (what was written
+    stays, for --resume). With image files as input the items left out are then run again, each alone,
+    and one that still kills its worker is an error row (`worker_crashed`): a poison file costs only
+    itself, and the job ends. Shards cannot be split so: there the first such block stops the job."""
     began = time.perf_counter()
-    ds.write_datasink(sink, ray_remote_args={"num_cpus": 0.1})
-    return JobSummary(job=job, verb=verb, written=sink.stats.rows, errors=sink.stats.errors,
-                      previously_stored=previously_stored, seconds=time.perf_counter() - began, store=store,
-                      unit=unit)
+    files = source.kind == "files"
+    stats = _run(build(Pass(done, max_task_retries)), store, rows_per_file, max_task_retries,
+                 max_crashed_blocks if files else 0, job)
+    if files:
+        items = np.array(item_ids(source)[1], dtype="S32")
+        if stats.rows + stats.errors < np.count_nonzero(~np.isin(items, done)):  # blocks were left out
+            stored = store.stored_ids()
+            logger.warning("note: %d items were left out with blocks whose worker died; trying each alone",
+                           np.count_nonzero(~np.isin(items, stored)))
+            alone = _run(build(Pass(stored, max_task_retries, alone=True)), store, rows_per_file, max_task_retries,
+                         -1, job)
+            stats.rows, stats.errors = stats.rows + alone.rows, stats.errors + alone.errors
+            crashed = np.flatnonzero(~np.isin(items, store.stored_ids()))
+            if len(crashed):
+                _record_crashes(source, crashed, store, max_task_retries + 1)
+                stats.errors += len(crashed)
+    return JobSummary(job=job, verb=verb, written=stats.rows, errors=stats.errors,
+                      previously_stored=len(done), seconds=time.perf_counter() - began, store=store, unit=unit)
+
+
+def _run(ds: ray.data.Dataset, store: Store, rows_per_file: int, max_task_retries: int, max_errored_blocks: int,
+         job: str) -> WriteStats:
+    """One pass into the store, leaving out at most `max_errored_blocks` failed blocks (-1: any number)."""
+    sink = store.sink(rows_per_file)  # (a sink per pass: its file names must not repeat an earlier pass's)
+    ds.context.max_errored_blocks = max_errored_blocks  # this dataset's own copy of Ray Data's settings
+    try:
+        ds.write_datasink(sink, ray_remote_args={"num_cpus": 0.1, "max_retries": max_task_retries})
+    except (ray.exceptions.RayActorError, ray.exceptions.WorkerCrashedError, ray.exceptions.OutOfMemoryError) as e:
+        where = f"more than {max_errored_blocks} blocks" if max_errored_blocks else "a block of a shard"
+        raise PixelrayError(
+            f"{job}: workers died (a crash, or killed for memory) on {where}, each tried {max_task_retries + 1} "
+            f"times; stopped. What was written is kept: --resume goes on from it. Last: {str(e).splitlines()[0]}",
+            status=500, code="workers_died") from None
+    return sink.stats
+
+
+def _record_crashes(source: Source, indices: np.ndarray, store: Store, tries: int) -> None:
+    """Error rows for the items (indices into `source`) that killed their worker each time they ran alone."""
+    images, items = item_ids(source)
+    columns = {store.key: [items[i] for i in indices], "image_id": [images[i] for i in indices],
+               "path": [source.uris[i] for i in indices]}
+    if source.questions is not None:
+        columns["question"] = [source.questions[i] for i in indices]
+    message = (f"processing it alone failed (up to {tries} times when its worker died): its worker crashed, was "
+               "killed for memory, or raised (the Ray logs say which)")
+    table = pa.table({**columns, "error_type": [WORKER_CRASHED] * len(indices), "error": [message] * len(indices)},
+                     schema=pa.schema([(name, pa.string()) for name in (*columns, "error_type", "error")]))
+    name = f"{ERRORS}/{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}-crashed.parquet"
+    write_parquet_atomic(table, store.fs, f"{store.root}/{name}")
+    logger.warning("note: %d items killed their worker each time, alone: recorded in %s/%s (error_type %s)",
+                   len(indices), store.uri, name, WORKER_CRASHED)

@@ -5,12 +5,19 @@ filesystem (local paths, file://, s3://, gs://, hdfs:// ... all by construction)
 and classifies it. `read_images(source, ...)` turns it into a Ray Dataset of
 raw image bytes with columns `image_id`, `path`, `data`, `error_type`, `error`
 (empty strings when there is no error): a file that cannot be read becomes a row
-with an error, never an exception.
+with an error, never an exception. Nothing is read before its type and size are
+checked, and every read is capped at the byte limit: a folder, device, FIFO or
+socket is a `not_a_file` row (never opened), a file or tar member over the limit a
+`too_large` row (from its size or tar header; the tar stream goes on).
 
 Every image has a stable `path`: the file's absolute path or URI, or
 `SHARD#MEMBER` for an image inside a tar shard and `SHARD#KEY` (or `SHARD#ROW`)
-for one inside a Parquet shard. `image_id` is a hash of it, so reruns can skip
-what is already stored.
+for one inside a Parquet shard (`SHARD#row:N` for a row whose key is null or empty).
+`image_id` is a hash of it, so reruns can skip what is already stored. A path that
+comes twice (a line repeated in a list file, a question asked twice of one image,
+two tar members or Parquet keys of one name) is read once: each later copy is given
+the distinct path `PATH#N` (N = 2, 3, ...) and becomes a `duplicate` error row, so
+no two rows ever share an id.
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ from __future__ import annotations
 import os
 import re
 import tarfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator, Literal
 
 import numpy as np
@@ -29,8 +36,8 @@ import pyarrow.parquet as pq
 import ray
 from fsspec.utils import glob_translate
 
-from pixelray.images import IMAGE_EXTENSIONS, image_id
-from pixelray.storage import split_uri
+from pixelray.images import FILE_LIMITS, IMAGE_EXTENSIONS, image_id
+from pixelray.storage import check_regular_file, read_file, split_uri, too_large
 
 LIST_EXTENSIONS = (".txt", ".lst", ".list")
 PARQUET_IMAGE_COLUMNS = ("image", "jpg", "jpeg", "png", "webp", "img", "image_bytes", "bytes")
@@ -47,6 +54,8 @@ class Source:
     filesystem: pafs.FileSystem
     skipped_files: int = 0  # non-image files ignored while listing a folder
     questions: list[str] | None = None  # VQA: one question per entry of `uris` (files only)
+    # entries that are error rows without being read: index in `uris` -> (error_type, error)
+    errors: dict[int, tuple[str, str]] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.uris)
@@ -57,11 +66,13 @@ def _has_glob(path: str) -> bool:
 
 
 def _list_files(fs: pafs.FileSystem, base: str) -> list[str]:
+    """Everything but folders under `base` (hidden names left out): devices, FIFOs and sockets are
+    listed too, to become `not_a_file` error rows (or shard rows) rather than vanish silently."""
     infos = fs.get_file_info(pafs.FileSelector(base, recursive=True))
     return sorted(
         i.path for i in infos
-        if i.type == pafs.FileType.File and not any(part.startswith((".", "_")) for part in
-                                                    i.path[len(base):].split("/"))
+        if i.type in (pafs.FileType.File, pafs.FileType.Unknown)
+        and not any(part.startswith((".", "_")) for part in i.path[len(base):].split("/"))
     )
 
 
@@ -86,6 +97,8 @@ def resolve_input(uri: str) -> Source:
             raise ValueError(f"input {uri!r} does not exist")
         if info.type == pafs.FileType.Directory:
             paths, from_folder = _list_files(fs, path), True
+        elif info.type != pafs.FileType.File:
+            raise ValueError(f"input {uri!r} is not a regular file, folder or glob (a device, FIFO or socket?)")
         elif _ext(path) in LIST_EXTENSIONS:
             return _from_list_file(fs, path, prefix, uri)
         else:
@@ -99,7 +112,25 @@ def _from_list_file(fs: pafs.FileSystem, path: str, prefix: str, uri: str) -> So
     lines = [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
     entries, fs = _resolve_entries(lines, fs, path, prefix, uri)
     # A list names its files explicitly: every entry is attempted, whatever its extension.
-    return Source("files", entries, fs) if entries else _classify([], fs, uri, False)
+    return _mark_duplicates(Source("files", entries, fs)) if entries else _classify([], fs, uri, False)
+
+
+def _mark_duplicates(source: Source) -> Source:
+    """Later copies of an entry (of an image and question, with questions) get the distinct path
+    `PATH#N` and become `duplicate` error rows: each item is read once and no two rows share an id."""
+    seen: dict[tuple[str, str | None], int] = {}  # (path, question) -> its entry
+    for i, uri in enumerate(source.uris):
+        question = None if source.questions is None else source.questions[i]
+        if (uri, question) in seen:
+            first, n = seen[uri, question], 2
+            while (f"{uri}#{n}", question) in seen:
+                n += 1
+            what = uri if question is None else f"{uri} with the question {question!r}"
+            message = f"{what} is named again (entry {i + 1}, first at entry {first + 1}); only the first is read"
+            source.errors[i] = ("duplicate", message)
+            source.uris[i] = uri = f"{uri}#{n}"
+        seen[uri, question] = i
+    return source
 
 
 def _resolve_entries(entries: list[str], fs: pafs.FileSystem, listing: str, prefix: str,
@@ -145,7 +176,7 @@ def resolve_questions(uri: str) -> Source:
     if bad is not None:
         raise ValueError(f"questions file {uri!r}: row {bad} has an empty image or question")
     entries, fs = _resolve_entries([str(i) for i in images], fs, path, prefix, uri)
-    return Source("files", entries, fs, questions=[str(q) for q in questions])
+    return _mark_duplicates(Source("files", entries, fs, questions=[str(q) for q in questions]))
 
 
 def _classify(uris: list[str], fs: pafs.FileSystem, uri: str, from_folder: bool) -> Source:
@@ -182,16 +213,20 @@ def _columns(rows: list[tuple]) -> dict[str, list]:
     return {name: [row[i] for row in rows] for i, name in enumerate(COLUMNS)}
 
 
-def read_files(batch: dict[str, np.ndarray], filesystem: pafs.FileSystem) -> dict[str, list]:
-    """Read each file's bytes; an unreadable file becomes an error row. Other columns pass through."""
+def read_files(batch: dict[str, np.ndarray], filesystem: pafs.FileSystem,
+               max_bytes: int = FILE_LIMITS.max_bytes) -> dict[str, list]:
+    """Read each file's bytes (see pixelray.storage.read_file: type and size checked first, the read
+    capped); a file that cannot be read becomes an error row, and a row that arrives with an error
+    (a duplicate entry) is not read. Other columns pass through."""
     rows = []
-    for uri, iid in zip(batch["path"], batch["image_id"]):
-        data, kind, err = b"", "", ""
-        try:
-            with filesystem.open_input_stream(_fs_path(uri)) as f:
-                data = f.read()
-        except Exception as e:
-            kind, err = "unreadable", f"cannot read file: {e}"
+    for uri, iid, kind, err in zip(batch["path"], batch["image_id"], batch["error_type"], batch["error"]):
+        data = b""
+        if not err:
+            try:
+                data = read_file(filesystem, _fs_path(uri), max_bytes)
+            except Exception as e:
+                kind = getattr(e, "code", "unreadable")
+                err = str(e) if kind != "unreadable" else f"cannot read file: {e}"
         rows.append((iid, uri, data, kind, err))
     return {**batch, **_columns(rows)}
 
@@ -205,12 +240,13 @@ def _new_rows(rows: list[tuple], done: np.ndarray) -> dict[str, list] | None:
 
 
 def read_shards(batch: dict[str, np.ndarray], filesystem: pafs.FileSystem, kind: SourceKind,
-                done_ref: ray.ObjectRef | np.ndarray) -> Iterator[dict[str, list]]:
+                done_ref: ray.ObjectRef | np.ndarray, max_bytes: int = FILE_LIMITS.max_bytes
+                ) -> Iterator[dict[str, list]]:
     """Stream the images out of each shard in small batches, skipping ids already stored."""
     done = ray.get(done_ref) if isinstance(done_ref, ray.ObjectRef) else done_ref
     for shard in batch["path"]:
         rows: list[tuple] = []
-        for row in (_tar_members if kind == "tar" else _parquet_rows)(filesystem, shard):
+        for row in _shard_rows(filesystem, shard, kind, max_bytes):
             rows.append(row)
             if len(rows) >= SHARD_BATCH_ROWS:
                 if (out := _new_rows(rows, done)) is not None:
@@ -220,17 +256,65 @@ def read_shards(batch: dict[str, np.ndarray], filesystem: pafs.FileSystem, kind:
             yield out
 
 
-def _tar_members(fs: pafs.FileSystem, shard: str) -> Iterator[tuple]:
+def _distinct(path: str, seen: set[str]) -> str:
+    """`path`, or when it was seen already the first free `path#N` (N = 2, 3, ...); added to `seen`."""
+    out, n = path, 1
+    while out in seen:
+        n += 1
+        out = f"{path}#{n}"
+    seen.add(out)
+    return out
+
+
+def _shard_rows(fs: pafs.FileSystem, shard: str, kind: SourceKind, max_bytes: int) -> Iterator[tuple]:
+    """Rows of (path, data, error_type, error) of one shard; a shard that is not a regular file is one
+    error row, and is never opened."""
+    try:
+        check_regular_file(fs, _fs_path(shard))
+    except Exception as e:
+        yield f"{shard}#", b"", getattr(e, "code", "unreadable_shard"), f"cannot read shard: {e}"
+        return
+    yield from (_tar_members if kind == "tar" else _parquet_rows)(fs, shard, max_bytes)
+
+
+def _tar_kind(member: tarfile.TarInfo) -> str:
+    for test, name in ((member.issym, "a symbolic link"), (member.islnk, "a hard link"), (member.isfifo, "a FIFO"),
+                       (member.ischr, "a character device"), (member.isblk, "a block device")):
+        if test():
+            return name
+    return "not a regular file"
+
+
+def _tar_members(fs: pafs.FileSystem, shard: str, max_bytes: int) -> Iterator[tuple]:
+    """Image members of a tar shard, streamed. A member's size comes from its header: one over the
+    limit is an error row and is skipped unread (a sparse 1 GiB member costs nothing), and so are a
+    link or device and a second member of a name already seen (under a distinct `SHARD#NAME#N`)."""
+    seen: set[str] = set()
     try:
         with fs.open_input_stream(_fs_path(shard)) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
             for member in tar:
-                if member.isfile() and _ext(member.name) in IMAGE_EXTENSIONS:
-                    yield f"{shard}#{member.name}", tar.extractfile(member).read(), "", ""
+                if member.isdir() or _ext(member.name) not in IMAGE_EXTENSIONS:
+                    continue
+                first = f"{shard}#{member.name}"
+                path = _distinct(first, seen)
+                if path != first:
+                    yield path, b"", "duplicate", (f"tar member {member.name!r} appears again in the shard; only "
+                                                   "its first copy is read")
+                elif not member.isfile():
+                    yield path, b"", "not_a_file", f"tar member {member.name!r} is {_tar_kind(member)}; not read"
+                elif member.size > max_bytes:
+                    yield path, b"", "too_large", f"{too_large(member.size, max_bytes)} (from the tar header; not read)"
+                else:
+                    yield path, tar.extractfile(member).read(member.size + 1), "", ""  # at most the header's size
     except Exception as e:  # a corrupt shard is recorded, the job goes on
         yield f"{shard}#", b"", "unreadable_shard", f"cannot read tar shard (rest of shard lost): {e}"
 
 
-def _parquet_rows(fs: pafs.FileSystem, shard: str) -> Iterator[tuple]:
+def _parquet_rows(fs: pafs.FileSystem, shard: str, max_bytes: int) -> Iterator[tuple]:
+    """Image cells of a Parquet shard, SHARD_BATCH_ROWS rows at a time. A row is named by its key, or
+    its row number (`row:N` where the key is null or empty); a second row of one key is a `duplicate`
+    error row under a distinct `SHARD#KEY#N`, a cell over the limit a `too_large` one."""
+    seen: set[str] = set()
     try:
         pf = pq.ParquetFile(fs.open_input_file(_fs_path(shard)))
         names = pf.schema_arrow.names
@@ -245,8 +329,16 @@ def _parquet_rows(fs: pafs.FileSystem, shard: str) -> Iterator[tuple]:
             if pa.types.is_struct(images.type):  # Hugging Face datasets: {bytes, path}
                 images = images.field("bytes")
             keys = rb.column(key_col).to_pylist() if key_col else range(row, row + rb.num_rows)
-            for data, key in zip(images.to_pylist(), keys):
-                yield f"{shard}#{key}", data or b"", "", ""
+            for n, data, key in zip(range(row, row + rb.num_rows), images.to_pylist(), keys):
+                first = f"{shard}#{key}" if key is not None and key != "" else f"{shard}#row:{n}"
+                path = _distinct(first, seen)
+                if path != first:
+                    yield path, b"", "duplicate", (f"key {key!r} appears again in the shard (row {n}); only its "
+                                                   "first row is read")
+                elif data and len(data) > max_bytes:
+                    yield path, b"", "too_large", f"{too_large(len(data), max_bytes)} (row {n})"
+                else:
+                    yield path, data or b"", "", ""
             row += rb.num_rows
     except Exception as e:
         yield f"{shard}#", b"", "unreadable_shard", f"cannot read Parquet shard (rest of shard lost): {e}"
@@ -268,8 +360,11 @@ def item_ids(source: Source) -> tuple[list[str], list[str]]:
     return images, [image_id(f"{u}\n{q}") for u, q in zip(source.uris, source.questions)]
 
 
-def read_images(source: Source, done: np.ndarray, rows_per_block: int = 256) -> ray.data.Dataset:
-    """Dataset of raw image bytes whose item ids are not in `done` (a sorted array of S32 ids).
+def read_images(source: Source, done: np.ndarray, rows_per_block: int = 256,
+                max_bytes: int = FILE_LIMITS.max_bytes, task_args: dict | None = None) -> ray.data.Dataset:
+    """Dataset of raw image bytes whose item ids are not in `done` (a sorted array of S32 ids); a file
+    or member over `max_bytes` is a `too_large` error row, never read whole. `task_args`: the reading
+    tasks' Ray options (the job's bounded retries: the same as the decode stage's, so the two fuse).
 
     Columns: image_id, path, data, error_type, error; with questions also item_id and question.
     """
@@ -279,13 +374,18 @@ def read_images(source: Source, done: np.ndarray, rows_per_block: int = 256) -> 
         columns = {"image_id": images, "path": source.uris}
         if source.questions is not None:
             columns.update(item_id=items, question=source.questions)
+        preset = [source.errors.get(i, ("", "")) for i in range(len(source))]
+        columns.update(error_type=[k for k, _ in preset], error=[e for _, e in preset])
         table = pa.table(columns).filter(pa.array(keep))
         blocks = [table.slice(i, rows_per_block) for i in range(0, max(table.num_rows, 1), rows_per_block)]
         return ray.data.from_arrow(blocks).map_batches(
-            read_files, fn_kwargs={"filesystem": source.filesystem}, batch_size=None, batch_format="numpy"
+            read_files, fn_kwargs={"filesystem": source.filesystem, "max_bytes": max_bytes}, batch_size=None,
+            batch_format="numpy", **(task_args or {}),
         )
     shards = ray.data.from_items([{"path": u} for u in source.uris], override_num_blocks=len(source.uris))
     return shards.map_batches(
         read_shards, batch_size=1, batch_format="numpy",
-        fn_kwargs={"filesystem": source.filesystem, "kind": source.kind, "done_ref": ray.put(done)},
+        fn_kwargs={"filesystem": source.filesystem, "kind": source.kind, "done_ref": ray.put(done),
+                   "max_bytes": max_bytes},
+        **(task_args or {}),
     )

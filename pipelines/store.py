@@ -5,23 +5,27 @@
       <table>/*.parquet    good rows (features/, captions/ ...)
       errors/*.parquet     image_id, path, error_type, error: one row per bad image (per bad
                            item: image + question, keyed by item_id, for VQA)
+      pixelray.lock        while a job runs: which job holds the store (lock.py)
+      quarantine/<table>/  files a resume found unreadable, moved aside (their items are redone)
 
 A job's rows carry an `error` column; `StoreSink` routes rows with an error to
 errors/ and the rest to the job's table, in files of at most `rows_per_file`
-rows named `RUN-TASK-CHUNK.parquet`. Each file is written under a hidden temporary name and then
-renamed, so a reader (or a resumed run) never sees a half-written file. A rerun
+rows named `RUN-TASK-CHUNK.parquet`. Each file (the manifest too) is written under a hidden temporary
+name, fsync'ed and then renamed, so a reader (or a resumed run) never sees a half-written file. A rerun
 with resume reads the key column (image_id, or item_id for VQA) of both tables and
-skips those items.
+skips those items; a file it cannot read is moved to quarantine/ and its items are done again.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import os
 import time
 import uuid
 from dataclasses import dataclass, field
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 import pyarrow as pa
@@ -32,11 +36,15 @@ import pyarrow.parquet as pq
 from ray.data import Datasink
 from ray.data.block import Block, BlockAccessor
 
+from pixelray.pipelines.lock import StoreLock
 from pixelray.storage import split_uri
 
 ERRORS = "errors"
 MANIFEST = "pixelray.json"
 ERROR_CONTEXT = ("image_id", "path", "question")  # kept in errors/ when the job's rows have them
+QUARANTINE = "quarantine"  # unreadable files found on resume are moved here
+
+logger = logging.getLogger(__name__)
 
 
 class Store:
@@ -45,6 +53,7 @@ class Store:
     def __init__(self, uri: str, table: str, key: str = "image_id"):
         self.uri, self.table, self.key = uri.rstrip("/"), table, key
         self.fs, self.root, _ = split_uri(self.uri)
+        self.quarantined: list[tuple[str, str]] = []  # (file, where it was moved): unreadable on resume
 
     def dir(self, table: str) -> str:
         return f"{self.root}/{table}"
@@ -54,7 +63,34 @@ class Store:
                    for p in (self.dir(self.table), self.dir(ERRORS), f"{self.root}/{MANIFEST}"))
 
     def prepare(self, manifest: dict[str, Any], *, resume: bool, overwrite: bool) -> None:
-        """Create or check the store: a resume must match the manifest; otherwise refuse to mix runs."""
+        """Lock the store for this job (see lock.py; StoreLockedError while another job holds it), then
+        create or check it: a resume must match the manifest; otherwise refuse to mix runs. The lock is
+        held until `release()` (or the end of a `with store:` block)."""
+        self.fs.create_dir(self.root, recursive=True)
+        self._lock = StoreLock(self.fs, self.root, self.uri)
+        self._lock.acquire()  # before anything is read, deleted or written
+        try:
+            self._prepare(manifest, resume=resume, overwrite=overwrite)
+        except BaseException:
+            self.release()
+            raise
+
+    def release(self) -> None:
+        """Let another job open the store (idempotent)."""
+        lock, self._lock = getattr(self, "_lock", None), None
+        if lock is not None:
+            lock.release()
+
+    def __enter__(self) -> "Store":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+    def __getstate__(self) -> dict:  # the sink travels to Ray's write tasks; the lock stays with the driver
+        return {**self.__dict__, "_lock": None}
+
+    def _prepare(self, manifest: dict[str, Any], *, resume: bool, overwrite: bool) -> None:
         if self.exists():
             if overwrite:
                 for table in (self.table, ERRORS):
@@ -73,7 +109,7 @@ class Store:
                 self._remove_partial_files()
         for table in (self.table, ERRORS):
             self.fs.create_dir(self.dir(table), recursive=True)
-        with self.fs.open_output_stream(f"{self.root}/{MANIFEST}") as f:
+        with atomic_output(self.fs, f"{self.root}/{MANIFEST}") as f:
             f.write(json.dumps(manifest, indent=2, sort_keys=True).encode())
 
     def read_manifest(self) -> dict[str, Any]:
@@ -82,6 +118,9 @@ class Store:
                 return json.loads(f.read())
         except FileNotFoundError:
             return {}
+        except ValueError as e:  # (written atomically now; a store of an older version may hold a torn one)
+            raise ValueError(f"{self.uri}/{MANIFEST} cannot be read ({e}): it records the settings a resume must "
+                             "match; restore it, or pass --overwrite to start the store again") from None
 
     def _remove_partial_files(self) -> None:
         """Temporary files of a killed run: they were never visible, and are not needed."""
@@ -99,14 +138,66 @@ class Store:
         return ds if ds.files else None
 
     def stored_ids(self) -> np.ndarray:
-        """Sorted array (dtype S32) of every key (image_id, or item_id) already in the table or errors/."""
+        """Sorted array (dtype S32) of every key (image_id, or item_id) already in the table or errors/.
+
+        Each file's footer and key column are read: a file that cannot be read (truncated, say) is moved
+        to OUT/quarantine/TABLE/, named in a warning and in `self.quarantined`, and its items are done
+        again, rather than blocking the resume until someone deletes it by hand."""
         parts = []
         for table in (self.table, ERRORS):
-            ds = self.dataset(table)
-            if ds is not None:
-                parts.append(ds.to_table(columns=[self.key])[self.key].to_numpy(zero_copy_only=False))
+            for path in self._files(table):
+                try:
+                    with self.fs.open_input_file(path) as f:
+                        keys = pq.ParquetFile(f).read(columns=[self.key])[self.key]
+                except FileNotFoundError:
+                    continue  # gone since it was listed
+                except Exception as e:
+                    self._quarantine(table, path, e)
+                    continue
+                parts.append(keys.to_numpy(zero_copy_only=False))
         ids = np.concatenate(parts).astype("S32") if parts else np.array([], dtype="S32")
         return np.unique(ids)
+
+    def _files(self, table: str) -> list[str]:
+        """The visible files of a table: what `dataset()` reads (names starting with . or _ are not)."""
+        infos = self.fs.get_file_info(pafs.FileSelector(self.dir(table), allow_not_found=True, recursive=True))
+        return sorted(i.path for i in infos if i.type == pafs.FileType.File and not any(
+            part.startswith((".", "_")) for part in i.path[len(self.dir(table)) + 1:].split("/")))
+
+    def _quarantine(self, table: str, path: str, error: Exception) -> None:
+        """Move an unreadable file out of the table (to OUT/quarantine/TABLE/) and say so."""
+        folder = f"{self.root}/{QUARANTINE}/{table}"
+        self.fs.create_dir(folder, recursive=True)
+        dest = f"{folder}/{os.path.basename(path)}"
+        while self.fs.get_file_info(dest).type != pafs.FileType.NotFound:
+            dest = f"{folder}/{uuid.uuid4().hex[:6]}-{os.path.basename(path)}"
+        self.fs.move(path, dest)
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        logger.warning("warning: %s cannot be read (%s); moved it to %s, and its items will be done again",
+                       path, reason, dest)
+        self.quarantined.append((path, dest))
+
+    def forget_errors(self, error_types: Iterable[str]) -> int:
+        """Take the error rows of these types (TRANSIENT: an LLM server down, ...) out of errors/, so
+        that `stored_ids` leaves their items to be done again: each file that holds some is rewritten
+        without them (atomically: write, then rename over it) or deleted when nothing else is left.
+        Done before a resumed job starts, so an item is never in the store twice. Returns the rows taken."""
+        types, forgotten = pa.array(sorted(set(error_types)), pa.string()), 0
+        for path in self._files(ERRORS):
+            try:
+                table = pq.read_table(path, filesystem=self.fs)
+            except Exception:
+                continue  # (stored_ids quarantines what cannot be read)
+            keep = pc.invert(pc.is_in(table["error_type"], value_set=types))
+            kept = table.filter(keep)
+            if kept.num_rows == table.num_rows:
+                continue
+            forgotten += table.num_rows - kept.num_rows
+            if kept.num_rows:
+                write_parquet_atomic(kept, self.fs, path)
+            else:
+                self.fs.delete_file(path)
+        return forgotten
 
     def count(self, table: str) -> tuple[int, int]:
         """(rows, files) in a table."""
@@ -117,13 +208,46 @@ class Store:
         return StoreSink(self, rows_per_file)
 
 
-def write_parquet_atomic(table: pa.Table, fs: pafs.FileSystem, path: str) -> None:
-    """Write under a hidden temporary name in the same directory, then rename into place."""
+@contextlib.contextmanager
+def atomic_output(fs: pafs.FileSystem, path: str) -> Iterator[Any]:
+    """A file to write `path` through: written under a hidden temporary name in the same directory,
+    then renamed into place, so a reader never sees it half-written. On a local (or NFS) filesystem
+    the data is fsync'ed before the rename and the directory after it, so that a crash of the machine
+    cannot leave a visible file with missing data; on an object store the upload is atomic itself."""
     directory, name = os.path.split(path)
     tmp = f"{directory}/.{name}.{uuid.uuid4().hex[:8]}.tmp"
-    with fs.open_output_stream(tmp) as f:
+    local = isinstance(fs, pafs.LocalFileSystem)
+    try:
+        with open(tmp, "wb") if local else fs.open_output_stream(tmp) as f:
+            yield f
+            if local:
+                f.flush()
+                os.fsync(f.fileno())
+        if local:
+            os.replace(tmp, path)
+            _fsync_dir(directory)
+        else:
+            fs.move(tmp, path)
+    except BaseException:
+        try:
+            fs.delete_file(tmp)
+        except Exception:
+            pass
+        raise
+
+
+def _fsync_dir(directory: str) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def write_parquet_atomic(table: pa.Table, fs: pafs.FileSystem, path: str) -> None:
+    """Write a Parquet file atomically and durably (see atomic_output)."""
+    with atomic_output(fs, path) as f:
         pq.write_table(table, f, compression="zstd")
-    fs.move(tmp, path)
 
 
 @dataclass

@@ -7,12 +7,15 @@ error type that follows from it and `code` a short machine-readable label. The s
 `pixelray COMMAND: error: ...` line (exit status 2) on the command line, a JSON error body in the
 Serve app, and an error row in a batch job (ImageError's `code` is the row's `error_type`).
 Subclasses name a cause worth catching on its own (ImageError, ModelNotAvailableError, LLMServerError).
+A failure that passes by itself (a server down, a timeout, HTTP 429 or 5xx) is `transient`: its batch
+error row has error_type TRANSIENT, and `--resume` tries that item again.
 """
 
 from __future__ import annotations
 
 from pydantic import ValidationError
 
+TRANSIENT = "transient"  # the error_type of an item that failed for a passing reason; --resume retries it
 _TYPES = {401: "authentication_error", 404: "not_found_error", 429: "rate_limit_error"}
 
 

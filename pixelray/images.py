@@ -100,13 +100,18 @@ def decode_image(data: bytes, limits: ImageLimits = FILE_LIMITS) -> Image.Image:
 
 def open_image(path: str, limits: ImageLimits = FILE_LIMITS) -> Image.Image:
     """Read an image file (a local path or a pyarrow filesystem URI: s3://, gs://, ...) and decode it
-    as `decode_image` does; a file that cannot be read is an ImageError too (code `unreadable`)."""
-    from pixelray.storage import read_bytes
+    as `decode_image` does; a file that cannot be read is an ImageError too (code `unreadable`, or
+    `not_a_file` for a folder, device or FIFO and `too_large` for a file over the limit, neither of
+    which is read)."""
+    from pixelray.storage import FileTooLargeError, read_file, split_uri
 
+    fs, fs_path, _ = split_uri(path)
     try:
-        data = read_bytes(path, limit=limits.max_bytes + 1)
+        data = read_file(fs, fs_path, limits.max_bytes)
+    except FileTooLargeError as e:
+        raise ImageError(str(e), status=413, code="too_large") from None
     except OSError as e:
-        raise ImageError(f"cannot read {path}: {e}", code="unreadable") from None
+        raise ImageError(f"cannot read {path}: {e}", code=getattr(e, "code", "unreadable")) from None
     return decode_image(data, limits)
 
 

@@ -9,12 +9,16 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
 class FailingLLM(ThreadingHTTPServer):
-    """An OpenAI-shaped server on 127.0.0.1 that fails on purpose: `mode` 500, no_choices,
-    invalid_json or slow; it counts the requests it gets."""
+    """An OpenAI-shaped server on 127.0.0.1 that fails on purpose, by `mode` (which may be changed
+    while it runs): 500, no_choices, invalid_json, slow; usage_not_object, choices_not_list,
+    not_an_object (valid JSON of the wrong shape); huge (a JSON body of 9 MiB), huge_unsized (the same
+without Content-Length: the body ends when the connection closes); retry_after (HTTP 429
+    with `Retry-After: <retry_after>`); or ok: a chat completion whose text is `caption N` (the Nth
+request), a server that is up again. It counts the requests it gets; `port` 0 is any free one."""
 
-    def __init__(self, mode: str):
-        self.mode, self.requests = mode, 0
-        super().__init__(("127.0.0.1", 0), _Handler)
+    def __init__(self, mode: str, retry_after: str = "3600", port: int = 0):
+        self.mode, self.requests, self.retry_after, self.lock = mode, 0, retry_after, threading.Lock()
+        super().__init__(("127.0.0.1", port), _Handler)
         self.url = f"http://127.0.0.1:{self.server_address[1]}/v1"
         threading.Thread(target=self.serve_forever, daemon=True).start()
 
@@ -23,21 +27,26 @@ class _Handler(BaseHTTPRequestHandler):
     def log_message(self, *args):
         pass
 
-    def _send(self, status: int, body: bytes) -> None:
+    def _send(self, status: int, body: bytes, sized: bool = True, **headers: str) -> None:
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(body)))
+        for name, value in headers.items():
+            self.send_header(name.replace("_", "-"), value)
+        if sized:
+            self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         try:
             self.wfile.write(body)
-        except BrokenPipeError:  # the client gave up waiting: that is the point of "slow"
+        except (BrokenPipeError, ConnectionResetError):  # the client gave up: the point of "slow" and "huge"
             pass
 
     def do_GET(self):
         self._send(200, json.dumps({"object": "list", "data": [{"id": "m", "object": "model"}]}).encode())
 
     def do_POST(self):
-        self.server.requests += 1
+        with self.server.lock:  # (requests come in concurrently)
+            self.server.requests += 1
+            number = self.server.requests
         self.rfile.read(int(self.headers["Content-Length"]))
         mode = self.server.mode
         if mode == "slow":
@@ -46,5 +55,25 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(500, b'{"error": "model crashed"}')
         elif mode == "no_choices":
             self._send(200, json.dumps({"id": "x", "object": "chat.completion", "choices": []}).encode())
+        elif mode in ("usage_not_object", "choices_not_list"):
+            answer = {"id": "x", "object": "chat.completion", "model": "m", "usage": {"prompt_tokens": 3},
+                      "choices": [{"index": 0, "finish_reason": "stop",
+                                   "message": {"role": "assistant", "content": "a caption"}}]}
+            answer.update({"usage": 7} if mode == "usage_not_object" else {"choices": {"0": answer["choices"][0]}})
+            self._send(200, json.dumps(answer).encode())
+        elif mode == "ok":
+            self._send(200, json.dumps({
+                "id": "x", "object": "chat.completion", "model": "m",
+                "usage": {"prompt_tokens": 10, "completion_tokens": 2, "total_tokens": 12},
+                "choices": [{"index": 0, "finish_reason": "stop",
+                             "message": {"role": "assistant", "content": f"caption {number}"}}],
+            }).encode())
+        elif mode == "not_an_object":
+            self._send(200, b'["a", "list"]')
+        elif mode in ("huge", "huge_unsized"):
+            self._send(200, json.dumps({"id": "x", "padding": "x" * (9 * 1024 * 1024)}).encode(),
+                       sized=mode == "huge")
+        elif mode == "retry_after":
+            self._send(429, b'{"error": "slow down"}', Retry_After=self.server.retry_after)
         else:
             self._send(200, b"<html>not json</html>")

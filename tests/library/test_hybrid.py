@@ -160,3 +160,52 @@ def test_registry_names(tiny_text_llm, tiny_clip):
     assert resolve_generator(f"text:{tiny_text_llm}").backend == "text"
     with pytest.raises(ValueError, match="hf and text backends"):
         create_generator(spec, quantization="4bit")
+
+
+# --- answers too big, of the wrong shape, or asking to wait an hour --------------------------------
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("mode,match", [("usage_not_object", "usage: Input should be a valid dictionary"),
+                                        ("choices_not_list", "choices: Input should be a valid list"),
+                                        ("not_an_object", "JSON that is not what /chat/completions returns"),
+                                        ("huge", "declares 9,437,2"),
+                                        ("huge_unsized", "over 8,388,608 bytes")])
+def test_malformed_or_oversized_answers_are_502(mode, match):
+    """Valid JSON of another shape, or a body over 8 MiB (declared or not), is the LLM server's fault:
+    a 502 LLMServerError (not a TypeError or KeyError, which a gateway would answer with a 500), not
+    worth a retry, and the body is not read past the limit."""
+    server = FailingLLM(mode)
+    try:
+        client = LMStudioClient(LMStudioConfig(base_url=server.url, model="m", max_retries=2, timeout=10))
+        with pytest.raises(LLMServerError, match=match) as err:
+            client.complete([{"role": "user", "content": "hi"}])
+        assert (err.value.status, err.value.transient, server.requests) == (502, False, 1)
+    finally:
+        server.shutdown()
+
+
+@pytest.mark.timeout(30)  # today's SDK alone sleeps 100 s twice for `Retry-After: 100`
+@pytest.mark.parametrize("retry_after", ["100", "3600", "Fri, 31 Dec 2100 23:59:59 GMT", "inf"])
+def test_retry_after_waits_are_capped(retry_after):
+    """HTTP 429 with a long Retry-After: each retry waits at most `max_retry_wait`, so the call ends in
+    about max_retries x max_retry_wait seconds, having tried max_retries + 1 times; the failure is
+    transient (a batch job's --resume tries the item again)."""
+    server = FailingLLM("retry_after", retry_after=retry_after)
+    try:
+        client = LMStudioClient(LMStudioConfig(base_url=server.url, model="m", max_retries=2, max_retry_wait=0.5))
+        began = time.monotonic()
+        with pytest.raises(LLMServerError, match="HTTP 429") as err:
+            client.complete([{"role": "user", "content": "hi"}])
+        took = time.monotonic() - began
+        assert (err.value.status, err.value.transient, server.requests) == (502, True, 3)
+        assert 0.9 < took < 5, took
+    finally:
+        server.shutdown()
+
+
+def test_transient_survives_pickling():
+    import pickle
+
+    err = pickle.loads(pickle.dumps(LLMServerError("down", 503, transient=True)))
+    assert (err.status, err.code, err.transient) == (503, "llm_server_error", True)

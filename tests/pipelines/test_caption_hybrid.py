@@ -16,10 +16,12 @@ import pyarrow.parquet as pq
 import pytest
 from PIL import Image
 
+from pixelray.errors import TRANSIENT
 from pixelray.hybrid import HybridPixelLLM, LMStudioConfig, check_lm_studio_available
 from pixelray.pipelines.caption import CaptionConfig, run_caption
 from pixelray.testing import free_port
-from pixelray.testing.images import random_images, write_folder
+from pixelray.testing.images import bad_files, random_images, write_folder
+from pixelray.testing.llm_servers import FailingLLM
 from pixelray.testing.tiny_mlx import save_in_subprocess
 
 
@@ -56,7 +58,39 @@ def test_caption_job_with_the_hybrid(llm_v1, tiny_clip, tmp_path):
     result = run_caption(CaptionConfig(input=str(images), out=str(tmp_path / "down"), model=down, batch_size=4))
     errors = pq.read_table(tmp_path / "down" / "errors").to_pylist()
     assert (result.written, result.errors, len(errors)) == (0, 8, 8)
-    assert all(e["error_type"] == "generation" and "cannot be reached" in e["error"] for e in errors)
+    assert all(e["error_type"] == TRANSIENT and "cannot be reached" in e["error"] for e in errors)
+
+
+def test_resume_retries_what_an_llm_outage_failed(ray_address, tiny_clip, tmp_path):
+    """With the LLM server down, every image is a `transient` error row; once a server answers at that
+    address again, --resume captions exactly those (a corrupt image's row stays: it is no passing
+    failure), and no id is ever in the store twice."""
+    folder = tmp_path / "imgs"
+    write_folder(folder, 5, bad=False)
+    (folder / "truncated.jpg").write_bytes(bad_files()["truncated.jpg"][0])
+    port = free_port()
+    settings = dict(input=str(folder), out=str(tmp_path / "out"), batch_size=3, generation={"max_new_tokens": 8},
+                    model=f"hybrid:{tiny_clip}?url=http://127.0.0.1:{port}/v1&model=m&max_retries=1"
+                          "&max_retry_wait=0.1")
+    down = run_caption(CaptionConfig(**settings))
+    errors = pq.read_table(tmp_path / "out" / "errors").to_pylist()
+    assert (down.written, down.errors, len(errors)) == (0, 6, 6)
+    kinds = {Path(e["path"]).name: e["error_type"] for e in errors}
+    assert kinds.pop("truncated.jpg") == "corrupt" and set(kinds.values()) == {TRANSIENT}, kinds
+    assert all("cannot be reached" in e["error"] for e in errors if e["error_type"] == TRANSIENT)
+
+    server = FailingLLM("ok", port=port)  # the server is back, where it was
+    try:
+        again = run_caption(CaptionConfig(**settings, resume=True))
+    finally:
+        server.shutdown()
+    assert (again.written, again.errors, again.previously_stored, server.requests) == (5, 0, 1, 5)
+    captions = pq.read_table(tmp_path / "out" / "captions").to_pylist()
+    errors = pq.read_table(tmp_path / "out" / "errors").to_pylist()
+    assert sorted(c["caption"] for c in captions) == [f"caption {i}" for i in range(1, 6)]
+    assert [(Path(e["path"]).name, e["error_type"]) for e in errors] == [("truncated.jpg", "corrupt")]
+    ids = [r["image_id"] for r in captions + errors]
+    assert len(ids) == len(set(ids)) == 6
 
 
 # --- against mlx_vlm.server, and a server stopped mid-batch ----------------------------------------

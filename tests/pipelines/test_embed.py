@@ -113,6 +113,60 @@ def test_tar_shards_end_to_end(ray_address, tiny_clip, tmp_path):
     assert err["path"] == f"{tmp_path}/shards/0.tar#bomb.png" and err["error_type"] == "decompression_bomb"
 
 
+def _photo(width: int, height: int, seed: int):
+    """A smooth gradient with noise and a few flat rectangles: a photo's content, at any size."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width] / max(width, height)
+    pixels = np.stack([xx * rng.uniform(50, 255), yy * rng.uniform(50, 255), (xx + yy) / 2 * rng.uniform(50, 255)], -1)
+    pixels += rng.normal(0, 6, pixels.shape)
+    for _ in range(6):
+        x0, y0 = rng.integers(0, width - width // 5), rng.integers(0, height - height // 5)
+        pixels[y0:y0 + height // 5, x0:x0 + width // 5] = rng.uniform(0, 255, 3)
+    return Image.fromarray(pixels.clip(0, 255).astype(np.uint8))
+
+
+def test_large_images_are_downscaled_as_they_are_decoded(ray_address, tiny_clip, tiny_dinov2, tmp_path):
+    """The decode stage holds an image at twice the encoder's input on its short side, never at full
+    size, and records the full size; the embeddings are those of the full-size images within resampling
+    noise, for open_clip's preprocessing and a transformers image processor alike."""
+    from pixelray.encoders import resolve_encoder
+    from pixelray.images import FILE_LIMITS
+    from pixelray.pipelines.decode import decode_rows
+    from pixelray.pipelines.embed import decode_batch
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    sizes = {"wide.jpg": (3000, 2000), "tall.png": (1200, 2400), "strip.jpg": (4000, 500), "small.jpg": (48, 40)}
+    for i, (name, size) in enumerate(sizes.items()):
+        _photo(*size, seed=i).save(folder / name, quality=90)
+    paths = sorted(folder.iterdir())
+    batch = {"data": np.array([p.read_bytes() for p in paths], dtype=object), "path": np.array(paths, dtype=object),
+             "error_type": np.array([""] * len(paths)), "error": np.array([""] * len(paths))}
+    decoded = decode_rows(batch, FILE_LIMITS, min_side=64)  # (tiny encoders: 32 px inputs)
+    held = {"wide.jpg": (96, 64), "tall.png": (64, 128), "strip.jpg": (512, 64), "small.jpg": (48, 40)}
+    assert [decoded.images[i].size for i in range(len(paths))] == [held[p.name] for p in paths]
+    assert list(zip(decoded.width, decoded.height)) == [sizes[p.name] for p in paths]
+
+    full = [decode_image(p.read_bytes()) for p in paths]
+    for model in (tiny_clip, tiny_dinov2):  # the stage itself: its pixels are the model's own, within noise
+        spec = resolve_encoder(str(model))
+        pixels = decode_batch(batch, spec.model_dump_json(), FILE_LIMITS)["pixel_values"]
+        expected = spec.preprocessor()(full)
+        assert np.abs(pixels - expected).mean() < 0.01 and np.abs(pixels - expected).max() < 0.3
+
+    result = run_embed(EmbedConfig(input=str(folder), out=str(tmp_path / "s"), encoder=str(tiny_clip), batch_size=2))
+    assert (result.written, result.errors) == (4, 0)
+    rows = sorted(pq.read_table(tmp_path / "s" / "features").to_pylist(), key=lambda r: r["path"])
+    assert [(r["width"], r["height"]) for r in rows] == [sizes[p.name] for p in paths]
+    got = torch.tensor(np.array([r["embedding"] for r in rows], dtype=np.float32))
+    expected = create_encoder(str(tiny_clip))(full).embedding  # the full-size images, the model's own resize
+    relative = (got - expected).norm(dim=1) / expected.norm(dim=1)
+    assert relative.max() < 0.02, relative  # measured: at most 0.003
+    assert relative[[p.name for p in paths].index("small.jpg")] < 1e-5  # not resized at all
+
+
 def test_bad_encoder_fails_before_reading(tmp_path):
     write_folder(tmp_path / "imgs", n_good=1, bad=False)
     proc = subprocess.run([PIXELRAY, "embed", str(tmp_path / "imgs"), "--out", str(tmp_path / "o"),
