@@ -44,6 +44,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/embed.py
 	$(BIN)/python benchmarks/caption.py
 	$(BIN)/python benchmarks/serve_load.py
+	$(BIN)/python benchmarks/hostile.py
 
 clean:
 	rm -rf runs .pytest_cache

@@ -21,7 +21,7 @@ from PIL import Image
 from pixelray.generators import (GenerationConfig, GeneratorSpec, check_loadable, create_generator,
                                  resolve_generator, user_turn, with_setting)
 from pixelray.errors import TRANSIENT, PixelrayError
-from pixelray.images import ImageLimits
+from pixelray.images import ImageFit, ImageLimits
 from pixelray.pipelines.config import CaptionConfig
 from pixelray.pipelines.decode import decode_rows, error_columns
 from pixelray.pipelines.job import JobSummary, Pass, open_store, start, write
@@ -32,7 +32,7 @@ def decode_for_generation(batch: dict[str, np.ndarray], limits: ImageLimits, max
                           prompt: str) -> dict[str, np.ndarray]:
     """Bytes -> RGB arrays (at most max_side on the long side, as soon as each is decoded); the prompt
     each row is asked."""
-    decoded = decode_rows(batch, limits, max_side=max_side)
+    decoded = decode_rows(batch, limits, ImageFit(long_side=max_side))
     n = len(batch["data"])
     images = np.empty(n, dtype=object)
     for i in range(n):

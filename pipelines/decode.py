@@ -1,6 +1,6 @@
 """The CPU stage every batch job shares: bytes -> validated RGB images, bad ones -> error rows.
 
-Each image is made as small as its model allows as soon as it is decoded (`fit`), so that a batch never
+Each image is made as small as its model allows as soon as it is decoded (an ImageFit), so that a batch never
 holds its images at full size: a 24 MP photo is 72 MB of pixels, and a batch of 32 of them 2.3 GB.
 """
 
@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
-from pixelray.images import ImageError, ImageLimits, decode_image
+from pixelray.images import ImageError, ImageFit, ImageLimits, decode_image
 
 
 @dataclass
@@ -41,24 +41,9 @@ def error_columns(batch: dict[str, np.ndarray]) -> dict[str, pa.Array]:
     return {name: pa.array(np.where(failed, batch[name], None), pa.string()) for name in ("error_type", "error")}
 
 
-def fit(img: Image.Image, *, max_side: int | None = None, min_side: int | None = None) -> Image.Image:
-    """Downscale (never enlarge, aspect kept) so that the long side is at most `max_side`, or so that the
-    short side is `min_side` (every side at least `min_side`: what a model's own resize, to a square or its
-    short side, then a crop, needs to give the same result from a copy twice its input size)."""
-    w, h = img.size
-    scale = min(1.0, max_side / max(w, h)) if max_side else 1.0
-    if min_side:
-        scale = min(scale, min_side / min(w, h))
-    if scale >= 1.0:
-        return img
-    size = (max(1, round(w * scale)), max(1, round(h * scale)))
-    return img.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
-
-
-def decode_rows(batch: dict[str, np.ndarray], limits: ImageLimits, *, max_side: int | None = None,
-                min_side: int | None = None) -> Decoded:
-    """Decode each row's `data` unless an earlier stage already recorded an error for it, and `fit` it at
-    once; `width` and `height` stay the decoded image's own."""
+def decode_rows(batch: dict[str, np.ndarray], limits: ImageLimits, fit: ImageFit | None = None) -> Decoded:
+    """Decode each row's `data` unless an earlier stage already recorded an error for it, and scale it down
+    to `fit` at once; `width` and `height` stay the decoded image's own."""
     n = len(batch["data"])
     out = Decoded({}, np.zeros(n, np.int32), np.zeros(n, np.int32), list(batch["error_type"]),
                   list(batch["error"]))
@@ -71,5 +56,5 @@ def decode_rows(batch: dict[str, np.ndarray], limits: ImageLimits, *, max_side: 
             out.fail(i, e.code, e.message)
             continue
         out.width[i], out.height[i] = img.size
-        out.images[i] = fit(img, max_side=max_side, min_side=min_side)
+        out.images[i] = fit.apply(img) if fit else img
     return out

@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from pixelray.encoders import EncoderSpec, create_encoder, resolve_encoder
-from pixelray.images import ImageLimits
+from pixelray.images import ImageFit, ImageLimits
 from pixelray.pipelines.config import EmbedConfig
 from pixelray.pipelines.decode import decode_rows, error_columns
 from pixelray.pipelines.job import JobSummary, Pass, open_store, start, write
@@ -47,7 +47,7 @@ def decode_batch(batch: dict[str, np.ndarray], spec_json: str, limits: ImageLimi
     """Bytes -> pixel tensors; a bad image becomes a row with error_type/error set and zero pixels. Each
     image is downscaled as it is decoded, to DOWNSCALE_MARGIN times the encoder's input on its short side."""
     preprocess, shape = _preprocessor(spec_json)
-    decoded = decode_rows(batch, limits, min_side=DOWNSCALE_MARGIN * max(shape[-2:]))
+    decoded = decode_rows(batch, limits, ImageFit(short_side=DOWNSCALE_MARGIN * max(shape[-2:])))
     pixels = np.zeros((len(batch["data"]), *shape), np.float32)
     if decoded.images:
         try:

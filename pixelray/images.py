@@ -6,8 +6,8 @@ pixel is decoded (decompression bombs are refused from the header alone), EXIF
 orientation is applied and every mode is converted to RGB. Anything wrong
 raises `ImageError`, whose `code` is a short machine-readable label (a batch
 job's `error_type`) and whose message says what was wrong with the file.
-Resizing and normalisation are not done here: they belong to each encoder's
-preprocessing. `open_image(path_or_uri)` reads a file and decodes it the same way.
+Resizing and normalisation belong to each model's preprocessing; `ImageFit` only scales an image
+down to what that preprocessing uses of it, so that nothing holds more pixels than a model needs. `open_image(path_or_uri)` reads a file and decodes it the same way.
 """
 
 from __future__ import annotations
@@ -40,6 +40,29 @@ class ImageLimits:
 
     max_bytes: int = 32 * MiB
     max_pixels: int = 50_000_000  # about 7071 x 7071
+
+
+@dataclass(frozen=True)
+class ImageFit:
+    """How far an image can be scaled down before the model's own preprocessing sees less of it: its
+    shorter side to `short_side`, its longer side to `long_side`, its area to `pixels` (None: no bound)."""
+
+    short_side: int | None = None
+    long_side: int | None = None
+    pixels: int | None = None
+
+    def scale(self, width: int, height: int) -> float:
+        bounds = [(self.short_side, min(width, height)), (self.long_side, max(width, height)),
+                  (self.pixels ** 0.5 if self.pixels else None, (width * height) ** 0.5)]
+        return min([1.0] + [limit / size for limit, size in bounds if limit and size > limit])
+
+    def apply(self, image: Image.Image) -> Image.Image:
+        """The image scaled down (aspect kept) to what the model uses of it; as it is when already small."""
+        scale = self.scale(*image.size)
+        if scale >= 1.0:
+            return image
+        size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
+        return image.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
 
 
 FILE_LIMITS = ImageLimits()  # batch jobs: image files and shard members

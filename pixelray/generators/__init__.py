@@ -21,8 +21,9 @@ from urllib.parse import parse_qsl, urlencode
 
 from pydantic import BaseModel, ConfigDict
 
-from pixelray.generators.base import (DEFAULT_PROMPT, GenerationConfig, GenerationResult, Generator, ImageFit, Message,
+from pixelray.generators.base import (DEFAULT_PROMPT, GenerationConfig, GenerationResult, Generator, Message,
                                       user_turn)
+from pixelray.images import ImageFit
 
 __all__ = ["DEFAULT_PROMPT", "GenerationConfig", "GenerationResult", "Generator", "ImageFit", "Message", "user_turn",
            "GeneratorSpec", "REGISTRY", "resolve_generator", "create_generator", "check_loadable", "list_generators",

@@ -35,7 +35,7 @@ from typing import Any, Literal
 from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field
 
-from pixelray.images import ImageInput, as_image
+from pixelray.images import ImageFit, ImageInput, as_image
 
 Message = dict[str, Any]
 DEFAULT_PROMPT = "Describe the image."
@@ -199,29 +199,6 @@ def decode_result(tokens: list[int], tokenizer, end_ids: set[int], pad_id: int |
     finish = "stop" if ended is not None or stopped or len(tokens) < config.max_new_tokens else "length"
     return GenerationResult(text=reply_text(text), num_tokens=len(tokens), finish_reason=finish,
                             prompt_tokens=prompt_tokens)
-
-
-@dataclass(frozen=True)
-class ImageFit:
-    """How far an image can be scaled down before the model's own preprocessing sees less of it: its
-    shorter side to `short_side`, its longer side to `long_side`, its area to `pixels` (None: no bound)."""
-
-    short_side: int | None = None
-    long_side: int | None = None
-    pixels: int | None = None
-
-    def scale(self, width: int, height: int) -> float:
-        bounds = [(self.short_side, min(width, height)), (self.long_side, max(width, height)),
-                  (self.pixels ** 0.5 if self.pixels else None, (width * height) ** 0.5)]
-        return min([1.0] + [limit / size for limit, size in bounds if limit and size > limit])
-
-    def apply(self, image: Image.Image) -> Image.Image:
-        """The image scaled down (aspect kept) to what the model uses of it; as it is when already small."""
-        scale = self.scale(*image.size)
-        if scale >= 1.0:
-            return image
-        size = (max(1, round(image.width * scale)), max(1, round(image.height * scale)))
-        return image.resize(size, Image.Resampling.BICUBIC, reducing_gap=3.0)
 
 
 class Generator(ABC):

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pixelray.generators.base import ImageFit, Message, count_images, literal_text
+from pixelray.generators.base import Message, count_images, literal_text
+from pixelray.images import ImageFit
 
 
 @dataclass(frozen=True)

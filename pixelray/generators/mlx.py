@@ -24,9 +24,10 @@ from urllib.parse import parse_qsl
 
 from PIL import Image
 
-from pixelray.generators.base import (GenerationConfig, GenerationResult, Generator, ImageFit, Message, check_batch,
+from pixelray.generators.base import (GenerationConfig, GenerationResult, Generator, Message, check_batch,
                                       count_images, cut_at_stop, literal_text)
 from pixelray.hub import not_available
+from pixelray.images import ImageFit
 
 INSTALL = ("the mlx backend needs mlx-vlm: `pip install 'pixelray[mlx]'` (Apple silicon; on Linux x86_64 it "
            "installs mlx's CPU build)")

@@ -7,10 +7,11 @@ from PIL import Image
 
 from pixelray.device import resolve_device, resolve_dtype
 from pixelray.encoders import open_clip_preprocess_cfg, open_clip_transform
-from pixelray.generators.base import (GenerationConfig, GenerationResult, Generator, ImageFit, Message, check_batch,
+from pixelray.generators.base import (GenerationConfig, GenerationResult, Generator, Message, check_batch,
                                       context_length, decode_results, decoding_kwargs, end_and_pad_ids,
                                       literal_text, within_context)
 from pixelray.hub import not_available
+from pixelray.images import ImageFit
 
 # Used when the saved tokenizer carries no chat template of its own (Qwen2 style).
 CHAT_TEMPLATE = (

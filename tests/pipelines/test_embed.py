@@ -132,7 +132,7 @@ def test_large_images_are_downscaled_as_they_are_decoded(ray_address, tiny_clip,
     size, and records the full size; the embeddings are those of the full-size images within resampling
     noise, for open_clip's preprocessing and a transformers image processor alike."""
     from pixelray.encoders import resolve_encoder
-    from pixelray.images import FILE_LIMITS
+    from pixelray.images import FILE_LIMITS, ImageFit
     from pixelray.pipelines.decode import decode_rows
     from pixelray.pipelines.embed import decode_batch
 
@@ -144,7 +144,7 @@ def test_large_images_are_downscaled_as_they_are_decoded(ray_address, tiny_clip,
     paths = sorted(folder.iterdir())
     batch = {"data": np.array([p.read_bytes() for p in paths], dtype=object), "path": np.array(paths, dtype=object),
              "error_type": np.array([""] * len(paths)), "error": np.array([""] * len(paths))}
-    decoded = decode_rows(batch, FILE_LIMITS, min_side=64)  # (tiny encoders: 32 px inputs)
+    decoded = decode_rows(batch, FILE_LIMITS, ImageFit(short_side=64))  # (tiny encoders: 32 px inputs)
     held = {"wide.jpg": (96, 64), "tall.png": (64, 128), "strip.jpg": (512, 64), "small.jpg": (48, 40)}
     assert [decoded.images[i].size for i in range(len(paths))] == [held[p.name] for p in paths]
     assert list(zip(decoded.width, decoded.height)) == [sizes[p.name] for p in paths]
