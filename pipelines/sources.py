@@ -118,18 +118,17 @@ def _from_list_file(fs: pafs.FileSystem, path: str, prefix: str, uri: str) -> So
 def _mark_duplicates(source: Source) -> Source:
     """Later copies of an entry (of an image and question, with questions) get the distinct path
     `PATH#N` and become `duplicate` error rows: each item is read once and no two rows share an id."""
-    seen: dict[tuple[str, str | None], int] = {}  # (path, question) -> its entry
+    seen: set[tuple[str, str | None]] = set()  # (path, question)
+    first: dict[tuple[str, str | None], int] = {}  # -> the entry that named it first
     for i, uri in enumerate(source.uris):
         question = None if source.questions is None else source.questions[i]
-        if (uri, question) in seen:
-            first, n = seen[uri, question], 2
-            while (f"{uri}#{n}", question) in seen:
-                n += 1
+        path = _distinct(uri, seen, question)
+        if path != uri:
             what = uri if question is None else f"{uri} with the question {question!r}"
-            message = f"{what} is named again (entry {i + 1}, first at entry {first + 1}); only the first is read"
-            source.errors[i] = ("duplicate", message)
-            source.uris[i] = uri = f"{uri}#{n}"
-        seen[uri, question] = i
+            source.errors[i] = ("duplicate", f"{what} is named again (entry {i + 1}, first at entry "
+                                             f"{first[uri, question] + 1}); only the first is read")
+            source.uris[i] = path
+        first[path, question] = i
     return source
 
 
@@ -256,13 +255,14 @@ def read_shards(batch: dict[str, np.ndarray], filesystem: pafs.FileSystem, kind:
             yield out
 
 
-def _distinct(path: str, seen: set[str]) -> str:
-    """`path`, or when it was seen already the first free `path#N` (N = 2, 3, ...); added to `seen`."""
+def _distinct(path: str, seen: set[tuple[str, str | None]], tag: str | None = None) -> str:
+    """`path`, or when it was seen already (with the same `tag`: a question) the first free `path#N`
+    (N = 2, 3, ...); added to `seen`."""
     out, n = path, 1
-    while out in seen:
+    while (out, tag) in seen:
         n += 1
         out = f"{path}#{n}"
-    seen.add(out)
+    seen.add((out, tag))
     return out
 
 
@@ -289,7 +289,7 @@ def _tar_members(fs: pafs.FileSystem, shard: str, max_bytes: int) -> Iterator[tu
     """Image members of a tar shard, streamed. A member's size comes from its header: one over the
     limit is an error row and is skipped unread (a sparse 1 GiB member costs nothing), and so are a
     link or device and a second member of a name already seen (under a distinct `SHARD#NAME#N`)."""
-    seen: set[str] = set()
+    seen: set[tuple[str, str | None]] = set()
     try:
         with fs.open_input_stream(_fs_path(shard)) as stream, tarfile.open(fileobj=stream, mode="r|*") as tar:
             for member in tar:
@@ -314,7 +314,7 @@ def _parquet_rows(fs: pafs.FileSystem, shard: str, max_bytes: int) -> Iterator[t
     """Image cells of a Parquet shard, SHARD_BATCH_ROWS rows at a time. A row is named by its key, or
     its row number (`row:N` where the key is null or empty); a second row of one key is a `duplicate`
     error row under a distinct `SHARD#KEY#N`, a cell over the limit a `too_large` one."""
-    seen: set[str] = set()
+    seen: set[tuple[str, str | None]] = set()
     try:
         pf = pq.ParquetFile(fs.open_input_file(_fs_path(shard)))
         names = pf.schema_arrow.names

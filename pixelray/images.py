@@ -7,7 +7,8 @@ orientation is applied and every mode is converted to RGB. Anything wrong
 raises `ImageError`, whose `code` is a short machine-readable label (a batch
 job's `error_type`) and whose message says what was wrong with the file.
 Resizing and normalisation belong to each model's preprocessing; `ImageFit` only scales an image
-down to what that preprocessing uses of it, so that nothing holds more pixels than a model needs. `open_image(path_or_uri)` reads a file and decodes it the same way.
+down to what that preprocessing uses of it, so that nothing holds more pixels than a model needs.
+`open_image(path_or_uri)` reads a file and decodes it the same way.
 """
 
 from __future__ import annotations

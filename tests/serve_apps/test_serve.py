@@ -27,6 +27,7 @@ import requests
 from PIL import Image
 
 from pixelray.shapes import caption_correct
+from pixelray import testing
 from pixelray.testing import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -43,15 +44,8 @@ def data_url(path: Path) -> str:
 
 
 def wait_until(check, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if result := check():
-                return result
-        except (requests.RequestException, ValueError):  # not up yet, or up but still starting the app
-            pass
-        time.sleep(0.5)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+    # not up yet, or up but still starting the app
+    return testing.wait_until(check, timeout, what, retry_on=(requests.RequestException, ValueError))
 
 
 @pytest.fixture(scope="module")

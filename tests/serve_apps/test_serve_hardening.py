@@ -24,7 +24,7 @@ import pytest
 import requests
 
 from pixelray.shapes import caption_correct
-from pixelray.testing import free_port
+from pixelray.testing import free_port, wait_until
 
 ROOT = Path(__file__).resolve().parents[2]
 SHAPES = ROOT / "examples" / "shapes"
@@ -234,15 +234,7 @@ def leftovers(session: int, ray_tmp: str) -> list[str]:
 
 
 def wait_for(check, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if result := check():
-                return result
-        except (requests.RequestException, psutil.Error):
-            pass
-        time.sleep(0.3)
-    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+    return wait_until(check, timeout, what, retry_on=(requests.RequestException, psutil.Error), every=0.3)
 
 
 @pytest.mark.slow
