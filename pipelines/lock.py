@@ -100,11 +100,9 @@ class StoreLock:
             self._refresher.join()
             self._stop = self._refresher = None
             try:
-                with self.fs.open_input_stream(self.path) as f:
-                    mine = _holder(f.read().decode(errors="replace")).get("token") == self.token
-                if mine:
+                if (self._read_shared() or {}).get("token") == self.token:
                     self.fs.delete_file(self.path)
-            except (OSError, FileNotFoundError):
+            except OSError:
                 pass
 
     # --- local and NFS: flock -------------------------------------------------------------------
