@@ -181,12 +181,12 @@ def _pinned_resolver(host: str, addresses: list[str]):
     return Pinned()
 
 
-async def fetch_url(url: str, allowed_hosts: list[str], max_bytes: int, timeout_s: float, what: str) -> bytes:
+async def fetch_url(url: str, allowed: list[AllowedHost], max_bytes: int, timeout_s: float, what: str) -> bytes:
     """The body of an allow-listed http(s) URL (status 200, no redirects), at most `max_bytes`, within
     `timeout_s` for everything (resolving, connecting, reading); every failure a 4xx PixelrayError."""
     import aiohttp
 
-    target = check_url(url, parse_allow_list(allowed_hosts), what)
+    target = check_url(url, allowed, what)
 
     def failed(why: str) -> PixelrayError:
         return PixelrayError(f"{what}: fetching {url} {why}", 400, "fetch_failed")

@@ -16,7 +16,7 @@ from PIL import Image
 from pixelray.generators import Message
 from pixelray.errors import PixelrayError
 from pixelray.images import ImageError, ImageLimits, decode_image
-from pixelray.serve_apps.fetch import fetch_url
+from pixelray.serve_apps.fetch import AllowedHost, fetch_url
 from pixelray.serve_apps.protocol import ChatMessage
 
 _DATA_URL = re.compile(r"^data:(?P<mime>[\w.+-]+/[\w.+-]+)?(?:;[\w=.+-]+)*?;base64,(?P<data>.*)$", re.DOTALL)
@@ -49,7 +49,7 @@ async def image_from_data_url(url: str, limits: ImageLimits, what: str = "image"
     return await image_from_bytes(data, limits, what)
 
 
-async def image_from_url(url: str, limits: ImageLimits, allowed_hosts: list[str], what: str = "image",
+async def image_from_url(url: str, limits: ImageLimits, allowed_hosts: list[AllowedHost], what: str = "image",
                          timeout_s: float = 10.0) -> Image.Image:
     """A data URL, or an http(s) URL on the allow-list (`host` for ports 80 and 443, or `host:port`), fetched
     as fetch.py says: never from the server's own network unless listed as an IP address, no redirects, size
@@ -60,7 +60,7 @@ async def image_from_url(url: str, limits: ImageLimits, allowed_hosts: list[str]
     return await image_from_bytes(data, limits, what)
 
 
-async def openai_conversation(messages: list[ChatMessage], limits: ImageLimits, allowed_hosts: list[str],
+async def openai_conversation(messages: list[ChatMessage], limits: ImageLimits, allowed_hosts: list[AllowedHost],
                               max_images: int, timeout_s: float = 10.0) -> tuple[list[Message], list[Image.Image]]:
     """OpenAI messages -> (conversation in the chat format, its images in order). The images are counted
     before any of them is fetched or decoded."""

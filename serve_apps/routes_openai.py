@@ -36,7 +36,7 @@ async def list_models(request: Request, server: Server = Depends(current)) -> Mo
 async def chat_completions(request: Request, server: Server = Depends(current)) -> ChatCompletion | StreamingResponse:
     body: ChatCompletionRequest = await server.admission.json(request, ChatCompletionRequest)
     name, handle = server.model(body.model)
-    conversation, images = await openai_conversation(body.messages, server.limits, server.args.image_url_hosts,
+    conversation, images = await openai_conversation(body.messages, server.limits, server.args.image_url_allow_list,
                                                      server.args.max_images_per_request,
                                                      server.args.image_url_timeout_s)
     configs = [server.config(name, **settings) for settings in body.to_generation_settings()]

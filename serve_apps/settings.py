@@ -9,7 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from pixelray.device import DeviceName, DtypeName
 from pixelray.generators import resolve_generator
 from pixelray.images import MAX_REQUEST_BYTES, UPLOAD_LIMITS, ImageLimits
-from pixelray.serve_apps.fetch import normal_host, parse_allow_list
+from pixelray.serve_apps.fetch import AllowedHost, normal_host, parse_allow_list
 
 
 class Strict(BaseModel):
@@ -100,6 +100,11 @@ class AppArgs(Strict):
             if name != "*":
                 normal_host(name.removeprefix("*."))
         return value
+
+    @cached_property
+    def image_url_allow_list(self) -> list[AllowedHost]:
+        """`image_url_hosts` parsed (once: each fetched URL is checked against it)."""
+        return parse_allow_list(self.image_url_hosts)
 
     @property
     def image_limits(self) -> ImageLimits:

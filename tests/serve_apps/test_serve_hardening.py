@@ -300,5 +300,6 @@ def test_the_connection_goes_to_the_checked_addresses(origins, monkeypatch):
 
     monkeypatch.setattr(fetch, "checked_addresses", checked)
     url = f"http://rebind.test:{origins['listed']}/{IMAGE}"
-    data = asyncio.run(fetch.fetch_url(url, [f"rebind.test:{origins['listed']}"], MAX_IMAGE_BYTES, 10, "image"))
+    allowed = fetch.parse_allow_list([f"rebind.test:{origins['listed']}"])
+    data = asyncio.run(fetch.fetch_url(url, allowed, MAX_IMAGE_BYTES, 10, "image"))
     assert data == (SHAPES / IMAGE).read_bytes()
