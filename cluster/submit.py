@@ -39,7 +39,7 @@ from pixelray.train_jobs.config import load_config
 
 PROJECT = Path(__file__).resolve().parents[1]
 RUNTIME_ENV = Path(__file__).resolve().parent / "runtime_env.yaml"
-JOBS = ("embed", "caption", "train", "eval")
+JOBS = ("embed", "caption", "train", "eval", "index", "dedup")
 FINISHED = ("SUCCEEDED", "FAILED", "STOPPED")
 
 

@@ -26,6 +26,7 @@ from pixelray.pipelines.config import CaptionConfig
 from pixelray.pipelines.decode import decode_rows, error_columns
 from pixelray.pipelines.job import JobSummary, Pass, open_store, start, write
 from pixelray.pipelines.sources import read_images, resolve_input, resolve_questions
+from pixelray.storage import excluded_ids
 
 
 def decode_for_generation(batch: dict[str, np.ndarray], limits: ImageLimits, max_side: int,
@@ -100,6 +101,7 @@ def run_caption(cfg: CaptionConfig) -> JobSummary:
         spec = spec.model_copy(update={"source": with_setting(spec.source, "tensor_parallel_size",
                                                               cfg.tensor_parallel_size)})
     check_loadable(spec)  # a missing model fails before any image is read
+    exclude = excluded_ids(cfg.exclude) if cfg.exclude else frozenset()
     if cfg.questions:
         source = resolve_questions(cfg.questions)
     else:
@@ -135,5 +137,6 @@ def run_caption(cfg: CaptionConfig) -> JobSummary:
 
         return write(pipeline, source, store, done, rows_per_file=cfg.rows_per_file,
                      max_task_retries=cfg.max_task_retries, max_crashed_blocks=cfg.max_crashed_blocks, job="caption",
-                     verb="answers" if vqa else "images captioned", unit="items" if vqa else "images")
+                     verb="answers" if vqa else "images captioned", unit="items" if vqa else "images",
+                     exclude=exclude)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from pixelray.device import DeviceName, DtypeName, QuantizationName
 from pixelray.generators import DEFAULT_PROMPT, GenerationConfig, GeneratorSpec
@@ -65,12 +65,36 @@ class EmbedConfig(BatchConfig):
     patches: bool = Field(False, description="also store patch features [num_patches, dim]")
     normalize: bool = Field(False, description="L2-normalise embeddings and patch features")
     num_encoders: int | None = Field(None, ge=1, description=f"encoder actors; {POOL_SIZE}")
+    text_column: str | None = Field(None, description="embed the texts of this column instead of images (with the "
+                                                      "encoder's text tower, into its images' space): INPUT is a "
+                                                      "`pixelray caption` store (column caption) or Parquet / "
+                                                      "JSON-lines files")
+    columns: list[str] = Field([], description="input columns to keep in the store beside each embedding (comma-"
+                                               "separated), e.g. url,caption: from Parquet shards, CSV/TSV list "
+                                               "files or text files")
+
+    @field_validator("columns", mode="before")
+    @classmethod
+    def _columns(cls, value):
+        values = [value] if isinstance(value, str) else value  # `--columns a,b` and `--columns a --columns b`
+        return [c.strip() for v in values for c in str(v).split(",") if c.strip()]
+
+    @model_validator(mode="after")
+    def _text(self) -> "EmbedConfig":
+        if self.text_column and self.patches:
+            raise ValueError("--patches applies to images, not to --text-column")
+        reserved = {"image_id", "text_id", "path", "text", "encoder", "width", "height", "embedding",
+                    "patch_features", "error_type", "error"}
+        if clash := reserved.intersection(self.columns):
+            raise ValueError(f"--columns {sorted(clash)[0]}: the store has a column of that name already")
+        return self
 
     def manifest(self, spec: EncoderSpec) -> dict:
         """What must not change between a run and its resume."""
+        own = {"modality": "text", "text_column": self.text_column} if self.text_column else {}
         return {"job": "embed", "encoder": spec.name, "encoder_source": spec.source,
                 "pretrained": spec.pretrained, "patches": self.patches, "normalize": self.normalize,
-                "dtype": self.dtype}
+                "dtype": self.dtype, **own, **({"columns": self.columns} if self.columns else {})}
 
 
 class CaptionConfig(BatchConfig):
@@ -94,6 +118,8 @@ class CaptionConfig(BatchConfig):
     tensor_parallel_size: int = Field(1, ge=1, description="vllm engine: the GPUs of one node each model actor "
                                                            "splits the model over (and reserves)")
     max_side: int = Field(2048, ge=16)  # larger images are downscaled before they travel to the actors
+    exclude: str | None = Field(None, description="a `pixelray dedup` table (Parquet): the images it does not keep "
+                                                  "are left out")
 
     @model_validator(mode="after")
     def _one_source(self) -> "CaptionConfig":

@@ -25,14 +25,10 @@ from pixelray.pipelines.config import EmbedConfig
 from pixelray.pipelines.decode import decode_rows, error_columns
 from pixelray.pipelines.job import JobSummary, Pass, open_store, start, write
 from pixelray.pipelines.sources import read_images, resolve_input
+from pixelray.pipelines.store import fixed_size_list
 
 
 # --- stage 1: decode, validate, preprocess (CPU tasks) -----------------------------------------
-
-
-# An image is downscaled on decoding until its short side is this many times the encoder's input side:
-# enough margin that the encoder's own resize (and crop) gives the same pixels within resampling noise.
-DOWNSCALE_MARGIN = 2
 
 
 @functools.lru_cache(maxsize=4)
@@ -45,9 +41,9 @@ def _preprocessor(spec_json: str):
 
 def decode_batch(batch: dict[str, np.ndarray], spec_json: str, limits: ImageLimits) -> dict[str, np.ndarray]:
     """Bytes -> pixel tensors; a bad image becomes a row with error_type/error set and zero pixels. Each
-    image is downscaled as it is decoded, to DOWNSCALE_MARGIN times the encoder's input on its short side."""
+    image is downscaled as it is decoded, to twice the encoder's input on its short side (ImageFit.encoder_input)."""
     preprocess, shape = _preprocessor(spec_json)
-    decoded = decode_rows(batch, limits, ImageFit(short_side=DOWNSCALE_MARGIN * max(shape[-2:])))
+    decoded = decode_rows(batch, limits, ImageFit.encoder_input(max(shape[-2:])))
     pixels = np.zeros((len(batch["data"]), *shape), np.float32)
     if decoded.images:
         try:
@@ -64,24 +60,16 @@ def decode_batch(batch: dict[str, np.ndarray], spec_json: str, limits: ImageLimi
 # --- stage 2: the encoder (actor pool) ---------------------------------------------------------
 
 
-def _fixed_size_list(arr: np.ndarray) -> pa.Array:
-    """[n, d] or [n, p, d] float32 array -> Arrow fixed-size list (of fixed-size lists)."""
-    values: pa.Array = pa.array(np.ascontiguousarray(arr, dtype=np.float32).reshape(-1))
-    for size in reversed(arr.shape[1:]):
-        values = pa.FixedSizeListArray.from_arrays(values, size)
-    return values
-
-
 class EmbedActor:
     """Loads the encoder once; embeds each batch of preprocessed images."""
 
     def __init__(self, spec_json: str, device: str, dtype: str, normalize: bool, patches: bool,
-                 torch_threads: int):
+                 torch_threads: int, keep: list[str] = ()):
         if torch_threads:
             torch.set_num_threads(torch_threads)
         spec = EncoderSpec.model_validate_json(spec_json)
         self.encoder = create_encoder(spec, device=device, dtype=dtype, normalize=normalize)
-        self.name, self.patches = spec.name, patches
+        self.name, self.patches, self.keep = spec.name, patches, list(keep)
         probe = self.encoder.encode(self.encoder.preprocess([Image.new("RGB", (64, 64))]))
         self.dim, self.patch_shape = probe.embedding.shape[1], tuple(probe.patches.shape[1:])
 
@@ -101,10 +89,11 @@ class EmbedActor:
             "encoder": pa.array([self.name] * n, pa.string()),
             "width": pa.array(batch["width"], pa.int32()),
             "height": pa.array(batch["height"], pa.int32()),
-            "embedding": _fixed_size_list(embedding),
+            "embedding": fixed_size_list(embedding),
         }
         if patches is not None:
-            columns["patch_features"] = _fixed_size_list(patches)
+            columns["patch_features"] = fixed_size_list(patches)
+        columns.update({c: pa.array(list(batch[c])) for c in self.keep})  # --columns, as the input had them
         return pa.table({**columns, **error_columns(batch)})
 
 
@@ -113,7 +102,7 @@ class EmbedActor:
 
 def run_embed(cfg: EmbedConfig) -> JobSummary:
     spec = resolve_encoder(cfg.encoder)  # a bad name or missing model fails before any image is read
-    source = resolve_input(cfg.input)
+    source = resolve_input(cfg.input, cfg.columns)
     store, done = open_store(cfg.out, "features", cfg.manifest(spec), resume=cfg.resume, overwrite=cfg.overwrite)
     with store:  # the store stays locked until the job ends, however it ends
         rows_per_block = 4 * cfg.batch_size
@@ -131,7 +120,7 @@ def run_embed(cfg: EmbedConfig) -> JobSummary:
                 EmbedActor, batch_size=run.size(cfg.batch_size), batch_format="numpy",
                 fn_constructor_kwargs={"spec_json": spec_json, "device": cfg.device, "dtype": cfg.dtype,
                                        "normalize": cfg.normalize, "patches": cfg.patches,
-                                       "torch_threads": plan.torch_threads},
+                                       "torch_threads": plan.torch_threads, "keep": cfg.columns},
                 **run.actor_args(plan.size), **plan.remote_args(),
             )
 

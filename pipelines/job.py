@@ -32,6 +32,7 @@ class JobSummary:
     seconds: float
     store: Store
     unit: str = "images"
+    excluded: int = 0  # items left out by an --exclude table
 
     @property
     def images_per_s(self) -> float:
@@ -41,6 +42,7 @@ class JobSummary:
         lines = [
             f"pixelray {self.job}: {self.written} {self.verb}, {self.errors} errors"
             + (f", {self.previously_stored} already in the store (skipped)" if self.previously_stored else "")
+            + (f", {self.excluded} left out by --exclude" if self.excluded else "")
             + f" in {self.seconds:.1f} s ({self.images_per_s:.1f} {self.unit}/s)"
         ]
         for table in (self.store.table, "errors"):
@@ -111,7 +113,7 @@ class Pass:
 
 def write(build: Callable[[Pass], ray.data.Dataset], source: Source, store: Store, done: np.ndarray, *,
           rows_per_file: int, max_task_retries: int, max_crashed_blocks: int, job: str, verb: str,
-          unit: str = "images") -> JobSummary:
+          unit: str = "images", exclude: set[str] = frozenset()) -> JobSummary:
     """Run the job's pipeline, `build(Pass(...))`, into the store (this is where the work happens) and
     summarise it.
 
@@ -119,26 +121,33 @@ def write(build: Callable[[Pass], ray.data.Dataset], source: Source, store: Stor
     then left out, up to `max_crashed_blocks` blocks; one more and the job stops (what was written
     stays, for --resume). With image files as input the items left out are then run again, each alone,
     and one that still kills its worker is an error row (`worker_crashed`): a poison file costs only
-    itself, and the job ends. Shards cannot be split so: there the first such block stops the job."""
+    itself, and the job ends. Shards cannot be split so: there the first such block stops the job.
+
+    Images whose image_id is in `exclude` (a `pixelray dedup` table's drops) are skipped like stored ones."""
     began = time.perf_counter()
     files = source.kind == "files"
-    stats = _run(build(Pass(done, max_task_retries)), store, rows_per_file, max_task_retries,
+    skip = np.sort(np.array(sorted(exclude), dtype="S32"))
+    if files:  # the items (an image, or an image and question) of the excluded images
+        images, items = (np.array(ids, dtype="S32") for ids in item_ids(source))
+        skip = np.unique(items[np.isin(images, skip)])
+    excluded = np.count_nonzero(~np.isin(skip, done)) if files else 0
+    stats = _run(build(Pass(np.union1d(done, skip), max_task_retries)), store, rows_per_file, max_task_retries,
                  max_crashed_blocks if files else 0, job)
     if files:
-        items = np.array(item_ids(source)[1], dtype="S32")
-        if stats.rows + stats.errors < np.count_nonzero(~np.isin(items, done)):  # blocks were left out
-            stored = store.stored_ids()
+        missing = lambda: ~np.isin(items, np.union1d(store.stored_ids(), skip))  # noqa: E731
+        if stats.rows + stats.errors < np.count_nonzero(~np.isin(items, np.union1d(done, skip))):  # blocks left out
             logger.warning("note: %d items were left out with blocks whose worker died; trying each alone",
-                           np.count_nonzero(~np.isin(items, stored)))
-            alone = _run(build(Pass(stored, max_task_retries, alone=True)), store, rows_per_file, max_task_retries,
-                         -1, job)
+                           np.count_nonzero(missing()))
+            alone = _run(build(Pass(np.union1d(store.stored_ids(), skip), max_task_retries, alone=True)), store,
+                         rows_per_file, max_task_retries, -1, job)
             stats.rows, stats.errors = stats.rows + alone.rows, stats.errors + alone.errors
-            crashed = np.flatnonzero(~np.isin(items, store.stored_ids()))
+            crashed = np.flatnonzero(missing())
             if len(crashed):
                 _record_crashes(source, crashed, store, max_task_retries + 1)
                 stats.errors += len(crashed)
     return JobSummary(job=job, verb=verb, written=stats.rows, errors=stats.errors,
-                      previously_stored=len(done), seconds=time.perf_counter() - began, store=store, unit=unit)
+                      previously_stored=len(done), seconds=time.perf_counter() - began, store=store, unit=unit,
+                      excluded=excluded)
 
 
 def _run(ds: ray.data.Dataset, store: Store, rows_per_file: int, max_task_retries: int, max_errored_blocks: int,

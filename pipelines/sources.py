@@ -31,6 +31,7 @@ from typing import Iterator, Literal
 import numpy as np
 import pyarrow as pa
 import pyarrow.fs as pafs
+import pyarrow.csv as pacsv
 import pyarrow.json as pajson
 import pyarrow.parquet as pq
 import ray
@@ -39,7 +40,7 @@ from fsspec.utils import glob_translate
 from pixelray.images import FILE_LIMITS, IMAGE_EXTENSIONS, image_id
 from pixelray.storage import check_regular_file, read_file, split_uri, too_large
 
-LIST_EXTENSIONS = (".txt", ".lst", ".list")
+LIST_EXTENSIONS = (".txt", ".lst", ".list", ".csv", ".tsv")  # .csv/.tsv: a header, a path column, metadata
 PARQUET_IMAGE_COLUMNS = ("image", "jpg", "jpeg", "png", "webp", "img", "image_bytes", "bytes")
 PARQUET_KEY_COLUMNS = ("path", "key", "__key__", "id", "image_id", "file_name", "filename", "url")
 SHARD_BATCH_ROWS = 64
@@ -56,6 +57,9 @@ class Source:
     questions: list[str] | None = None  # VQA: one question per entry of `uris` (files only)
     # entries that are error rows without being read: index in `uris` -> (error_type, error)
     errors: dict[int, tuple[str, str]] = field(default_factory=dict)
+    # metadata kept beside each image (--columns): per entry (files), or the shard columns read with each image
+    columns: dict[str, list] = field(default_factory=dict)
+    keep: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.uris)
@@ -80,39 +84,70 @@ def _ext(path: str) -> str:
     return os.path.splitext(path)[1].lower()
 
 
-def resolve_input(uri: str) -> Source:
-    """List and classify an input; raises ValueError with a clear message when it is unusable."""
+def resolve_input(uri: str, columns: list[str] | tuple[str, ...] = ()) -> Source:
+    """List and classify an input, with the metadata `columns` to keep beside each image (from Parquet shards or
+    a CSV/TSV list); raises ValueError with a clear message when it is unusable."""
+    fs, paths, prefix, from_folder = list_input(uri)
+    if len(paths) == 1 and not from_folder and not _has_glob(split_uri(uri)[1]) and _ext(paths[0]) in LIST_EXTENSIONS:
+        source = _from_list_file(fs, paths[0], prefix, uri)
+    else:
+        source = _classify([prefix + p for p in paths], fs, uri, from_folder)
+    return _keep_columns(source, list(columns), uri)
+
+
+def _keep_columns(source: Source, columns: list[str], uri: str) -> Source:
+    if source.kind == "parquet" and source.uris and columns:
+        with source.filesystem.open_input_file(_fs_path(source.uris[0])) as f:
+            have = pq.ParquetFile(f).schema_arrow.names
+        source.keep = columns
+    else:
+        have = list(source.columns)
+    if missing := [c for c in columns if c not in have]:
+        where = (f"its columns are {', '.join(have)}" if have else
+                 "only Parquet shards and CSV/TSV lists (a header line, a path column) carry columns")
+        raise ValueError(f"input {uri!r} has no column {missing[0]!r}: {where}")
+    source.columns = {c: source.columns[c] for c in columns if c in source.columns}
+    return source
+
+
+def list_input(uri: str) -> tuple[pafs.FileSystem, list[str], str, bool]:
+    """The files a folder (everything under it but hidden names), a glob or a file names: the filesystem,
+    their paths on it, the URI prefix that makes them URIs again, and whether a folder was listed."""
     fs, path, prefix = split_uri(uri)
-    from_folder = False
     if _has_glob(path):
         cut = min(path.index(c) for c in "*?[" if c in path)
         base = path[: path.rfind("/", 0, cut)] or "/"
         if fs.get_file_info(base).type != pafs.FileType.Directory:
             raise ValueError(f"input {uri!r}: {prefix}{base} is not a directory")
         pattern = re.compile(glob_translate(path))  # shell-style, `**` for any number of folders
-        paths = [p for p in _list_files(fs, base) if pattern.match(p)]
-    else:
-        info = fs.get_file_info(path)
-        if info.type == pafs.FileType.NotFound:
-            raise ValueError(f"input {uri!r} does not exist")
-        if info.type == pafs.FileType.Directory:
-            paths, from_folder = _list_files(fs, path), True
-        elif info.type != pafs.FileType.File:
-            raise ValueError(f"input {uri!r} is not a regular file, folder or glob (a device, FIFO or socket?)")
-        elif _ext(path) in LIST_EXTENSIONS:
-            return _from_list_file(fs, path, prefix, uri)
-        else:
-            paths = [path]
-    return _classify([prefix + p for p in paths], fs, uri, from_folder)
+        return fs, [p for p in _list_files(fs, base) if pattern.match(p)], prefix, False
+    info = fs.get_file_info(path)
+    if info.type == pafs.FileType.NotFound:
+        raise ValueError(f"input {uri!r} does not exist")
+    if info.type == pafs.FileType.Directory:
+        return fs, _list_files(fs, path), prefix, True
+    if info.type != pafs.FileType.File:
+        raise ValueError(f"input {uri!r} is not a regular file, folder or glob (a device, FIFO or socket?)")
+    return fs, [path], prefix, False
 
 
 def _from_list_file(fs: pafs.FileSystem, path: str, prefix: str, uri: str) -> Source:
-    with fs.open_input_stream(path) as f:
-        lines = f.read().decode("utf-8").splitlines()
-    lines = [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
+    columns: dict[str, list] = {}
+    if _ext(path) in (".csv", ".tsv"):  # a header line; the path column, and metadata columns
+        with fs.open_input_stream(path) as f:
+            table = pacsv.read_csv(f, parse_options=pacsv.ParseOptions(delimiter="\t" if _ext(path) == ".tsv" else ","))
+        path_col = next((c for c in PARQUET_KEY_COLUMNS + ("image",) if c in table.column_names), None)
+        if path_col is None:
+            raise ValueError(f"list {uri!r} has no path column (one of {', '.join(PARQUET_KEY_COLUMNS)}, image)")
+        lines = [str(p) for p in table[path_col].to_pylist()]
+        columns = {c: table[c].to_pylist() for c in table.column_names if c != path_col}
+    else:
+        with fs.open_input_stream(path) as f:
+            lines = f.read().decode("utf-8").splitlines()
+        lines = [line.strip() for line in lines if line.strip() and not line.strip().startswith("#")]
     entries, fs = _resolve_entries(lines, fs, path, prefix, uri)
     # A list names its files explicitly: every entry is attempted, whatever its extension.
-    return _mark_duplicates(Source("files", entries, fs)) if entries else _classify([], fs, uri, False)
+    return _mark_duplicates(Source("files", entries, fs, columns=columns)) if entries else _classify([], fs, uri, False)
 
 
 def _mark_duplicates(source: Source) -> Source:
@@ -207,9 +242,12 @@ def _fs_path(uri: str) -> str:
 COLUMNS = ("image_id", "path", "data", "error_type", "error")
 
 
-def _columns(rows: list[tuple]) -> dict[str, list]:
-    """Rows of (image_id, path, data, error_type, error) -> a batch of columns."""
-    return {name: [row[i] for row in rows] for i, name in enumerate(COLUMNS)}
+def _columns(rows: list[tuple], keep: list[str] = ()) -> dict[str, list]:
+    """Rows of (image_id, path, data, error_type, error[, kept values]) -> a batch of columns."""
+    batch = {name: [row[i] for row in rows] for i, name in enumerate(COLUMNS)}
+    for j, name in enumerate(keep):
+        batch[name] = [row[5][j] if len(row) > 5 else None for row in rows]
+    return batch
 
 
 def read_files(batch: dict[str, np.ndarray], filesystem: pafs.FileSystem,
@@ -230,28 +268,29 @@ def read_files(batch: dict[str, np.ndarray], filesystem: pafs.FileSystem,
     return {**batch, **_columns(rows)}
 
 
-def _new_rows(rows: list[tuple], done: np.ndarray) -> dict[str, list] | None:
-    """Rows of (path, data, error_type, error) whose ids are not in `done`, as a batch (None if none)."""
+def _new_rows(rows: list[tuple], done: np.ndarray, keep: list[str] = ()) -> dict[str, list] | None:
+    """Rows of (path, data, error_type, error[, kept values]) whose ids are not in `done`, as a batch (None if
+    none)."""
     ids = [image_id(r[0]) for r in rows]
-    keep = ~_isin(np.array(ids, dtype="S32"), done)
-    kept = [(iid, *row) for k, iid, row in zip(keep, ids, rows) if k]
-    return _columns(kept) if kept else None
+    new = ~_isin(np.array(ids, dtype="S32"), done)
+    kept = [(iid, *row) for k, iid, row in zip(new, ids, rows) if k]
+    return _columns(kept, keep) if kept else None
 
 
 def read_shards(batch: dict[str, np.ndarray], filesystem: pafs.FileSystem, kind: SourceKind,
-                done_ref: ray.ObjectRef | np.ndarray, max_bytes: int = FILE_LIMITS.max_bytes
-                ) -> Iterator[dict[str, list]]:
+                done_ref: ray.ObjectRef | np.ndarray, max_bytes: int = FILE_LIMITS.max_bytes,
+                keep: list[str] = ()) -> Iterator[dict[str, list]]:
     """Stream the images out of each shard in small batches, skipping ids already stored."""
     done = ray.get(done_ref) if isinstance(done_ref, ray.ObjectRef) else done_ref
     for shard in batch["path"]:
         rows: list[tuple] = []
-        for row in _shard_rows(filesystem, shard, kind, max_bytes):
+        for row in _shard_rows(filesystem, shard, kind, max_bytes, keep):
             rows.append(row)
             if len(rows) >= SHARD_BATCH_ROWS:
-                if (out := _new_rows(rows, done)) is not None:
+                if (out := _new_rows(rows, done, keep)) is not None:
                     yield out
                 rows = []
-        if rows and (out := _new_rows(rows, done)) is not None:
+        if rows and (out := _new_rows(rows, done, keep)) is not None:
             yield out
 
 
@@ -266,15 +305,16 @@ def _distinct(path: str, seen: set[tuple[str, str | None]], tag: str | None = No
     return out
 
 
-def _shard_rows(fs: pafs.FileSystem, shard: str, kind: SourceKind, max_bytes: int) -> Iterator[tuple]:
-    """Rows of (path, data, error_type, error) of one shard; a shard that is not a regular file is one
-    error row, and is never opened."""
+def _shard_rows(fs: pafs.FileSystem, shard: str, kind: SourceKind, max_bytes: int,
+                keep: list[str] = ()) -> Iterator[tuple]:
+    """Rows of (path, data, error_type, error[, kept values]) of one shard; a shard that is not a regular file
+    is one error row, and is never opened."""
     try:
         check_regular_file(fs, _fs_path(shard))
     except Exception as e:
         yield f"{shard}#", b"", getattr(e, "code", "unreadable_shard"), f"cannot read shard: {e}"
         return
-    yield from (_tar_members if kind == "tar" else _parquet_rows)(fs, shard, max_bytes)
+    yield from _tar_members(fs, shard, max_bytes) if kind == "tar" else _parquet_rows(fs, shard, max_bytes, keep)
 
 
 def _tar_kind(member: tarfile.TarInfo) -> str:
@@ -310,7 +350,7 @@ def _tar_members(fs: pafs.FileSystem, shard: str, max_bytes: int) -> Iterator[tu
         yield f"{shard}#", b"", "unreadable_shard", f"cannot read tar shard (rest of shard lost): {e}"
 
 
-def _parquet_rows(fs: pafs.FileSystem, shard: str, max_bytes: int) -> Iterator[tuple]:
+def _parquet_rows(fs: pafs.FileSystem, shard: str, max_bytes: int, keep: list[str] = ()) -> Iterator[tuple]:
     """Image cells of a Parquet shard, SHARD_BATCH_ROWS rows at a time. A row is named by its key, or
     its row number (`row:N` where the key is null or empty); a second row of one key is a `duplicate`
     error row under a distinct `SHARD#KEY#N`, a cell over the limit a `too_large` one."""
@@ -322,14 +362,15 @@ def _parquet_rows(fs: pafs.FileSystem, shard: str, max_bytes: int) -> Iterator[t
         if image_col is None:
             raise ValueError(f"no image column (looked for {', '.join(PARQUET_IMAGE_COLUMNS)})")
         key_col = next((c for c in PARQUET_KEY_COLUMNS if c in names), None)
-        columns = [image_col] + ([key_col] if key_col else [])
+        columns = list(dict.fromkeys([image_col] + ([key_col] if key_col else []) + list(keep)))
         row = 0
         for rb in pf.iter_batches(columns=columns, batch_size=SHARD_BATCH_ROWS):
             images = rb.column(image_col)
             if pa.types.is_struct(images.type):  # Hugging Face datasets: {bytes, path}
                 images = images.field("bytes")
             keys = rb.column(key_col).to_pylist() if key_col else range(row, row + rb.num_rows)
-            for n, data, key in zip(range(row, row + rb.num_rows), images.to_pylist(), keys):
+            kept = list(zip(*(rb.column(c).to_pylist() for c in keep))) if keep else [()] * rb.num_rows
+            for n, data, key, values in zip(range(row, row + rb.num_rows), images.to_pylist(), keys, kept):
                 first = f"{shard}#{key}" if key is not None and key != "" else f"{shard}#row:{n}"
                 path = _distinct(first, seen)
                 if path != first:
@@ -338,7 +379,7 @@ def _parquet_rows(fs: pafs.FileSystem, shard: str, max_bytes: int) -> Iterator[t
                 elif data and len(data) > max_bytes:
                     yield path, b"", "too_large", f"{too_large(len(data), max_bytes)} (row {n})"
                 else:
-                    yield path, data or b"", "", ""
+                    yield path, data or b"", "", "", values
             row += rb.num_rows
     except Exception as e:
         yield f"{shard}#", b"", "unreadable_shard", f"cannot read Parquet shard (rest of shard lost): {e}"
@@ -375,7 +416,7 @@ def read_images(source: Source, done: np.ndarray, rows_per_block: int = 256,
         if source.questions is not None:
             columns.update(item_id=items, question=source.questions)
         preset = [source.errors.get(i, ("", "")) for i in range(len(source))]
-        columns.update(error_type=[k for k, _ in preset], error=[e for _, e in preset])
+        columns.update(error_type=[k for k, _ in preset], error=[e for _, e in preset], **source.columns)
         table = pa.table(columns).filter(pa.array(keep))
         blocks = [table.slice(i, rows_per_block) for i in range(0, max(table.num_rows, 1), rows_per_block)]
         return ray.data.from_arrow(blocks).map_batches(
@@ -386,6 +427,6 @@ def read_images(source: Source, done: np.ndarray, rows_per_block: int = 256,
     return shards.map_batches(
         read_shards, batch_size=1, batch_format="numpy",
         fn_kwargs={"filesystem": source.filesystem, "kind": source.kind, "done_ref": ray.put(done),
-                   "max_bytes": max_bytes},
+                   "max_bytes": max_bytes, "keep": source.keep},
         **(task_args or {}),
     )

@@ -244,6 +244,14 @@ def _fsync_dir(directory: str) -> None:
         os.close(fd)
 
 
+def fixed_size_list(arr: np.ndarray) -> pa.Array:
+    """[n, d] or [n, p, d] float32 array -> Arrow fixed-size list (of fixed-size lists)."""
+    values: pa.Array = pa.array(np.ascontiguousarray(arr, dtype=np.float32).reshape(-1))
+    for size in reversed(arr.shape[1:]):
+        values = pa.FixedSizeListArray.from_arrays(values, size)
+    return values
+
+
 def write_parquet_atomic(table: pa.Table, fs: pafs.FileSystem, path: str) -> None:
     """Write a Parquet file atomically and durably (see atomic_output)."""
     with atomic_output(fs, path) as f:

@@ -6,6 +6,7 @@
     out.embedding  # [batch, dim]            pooled embedding
     out.patches    # [batch, num_patches, d] patch features
     out = encoder.encode(encoder.preprocess(pil_images))   # the two steps, as the batch job runs them
+    create_encoder("shapes-clip", text=True).encode_text(["a red star"])   # [1, dim], the images' space
 
 Names are data (`REGISTRY`); any name may also be a local directory (an open_clip
 folder with open_clip_config.json, or a transformers folder with config.json)
@@ -54,6 +55,11 @@ class EncoderSpec(BaseModel):
     preprocess: dict[str, Any] | None = None  # resolved open_clip preprocess config, or a transformers image processor's
     description: str = ""
 
+    @property
+    def has_text(self) -> bool:
+        """Whether the model has a text tower embedding text in its images' space (open_clip's CLIPs)."""
+        return self.backend == "open_clip"
+
     def preprocessor(self) -> Callable[[list[Image.Image]], np.ndarray]:
         """Images -> float32 array [batch, 3, H, W], without loading any weights."""
         if self.backend == "open_clip":
@@ -92,6 +98,9 @@ REGISTRY: dict[str, dict[str, Any]] = {
                                description=f"DINOv2 ViT-{size[0].upper()} through transformers")
         for size in DINOV2_SIZES
     },
+    "shapes-clip": dict(backend="open_clip", source=f"local-dir:{Path(__file__).resolve().parent / 'models' / 'shapes-clip'}",
+                        description="bundled CLIP-style model of the shapes demo (a few MB, offline): images and "
+                                    "texts such as 'a red star' in one space (train_jobs/configs/shapes_clip.yaml)"),
     "default": dict(backend="hf", source="", random_config=DEFAULT_VIT,
                     description="random ViT (4 layers, width 768, seed 0) for debugging; needs no download"),
 }
@@ -223,13 +232,27 @@ class EncoderOutput:
 
 
 class Encoder:
-    """A loaded vision encoder: `encode(pixel_values)` -> pooled embedding and patch features."""
+    """A loaded vision encoder: `encode(pixel_values)` -> pooled embedding and patch features; with a text
+    tower (`create_encoder(..., text=True)`), `encode_text(texts)` -> embeddings in the same space."""
 
     def __init__(self, spec: EncoderSpec, model: torch.nn.Module, device: torch.device,
                  dtype: torch.dtype, normalize: bool):
         self.spec, self.model, self.device, self.dtype, self.normalize = spec, model, device, dtype, normalize
         self.model.to(device=device, dtype=dtype).eval().requires_grad_(False)
         self._preprocess = spec.preprocessor()
+
+    @property
+    def has_text(self) -> bool:
+        return False
+
+    def encode_text(self, texts: list[str], normalize: bool | None = None) -> torch.Tensor:
+        """Texts -> embeddings [n, dim], in the space of the image embeddings."""
+        raise ValueError(f"encoder {self.spec.name!r} has no text tower" if not self.spec.has_text
+                         else f"encoder {self.spec.name!r} was loaded without its text tower (text=True)")
+
+    def _normalized(self, x: torch.Tensor, normalize: bool | None) -> torch.Tensor:
+        return torch.nn.functional.normalize(x.float(), dim=-1) if (
+            self.normalize if normalize is None else normalize) else x
 
     def preprocess(self, images: list[Image.Image]) -> torch.Tensor:
         return torch.from_numpy(self._preprocess(images))
@@ -239,10 +262,8 @@ class Encoder:
         """Pooled embedding and patch features; `normalize` (default: the encoder's) L2-normalises both."""
         pixels = torch.as_tensor(pixel_values).to(self.device, self.dtype, non_blocking=True)
         embedding, patches = self._forward(pixels)
-        if self.normalize if normalize is None else normalize:
-            embedding = torch.nn.functional.normalize(embedding.float(), dim=-1)
-            patches = torch.nn.functional.normalize(patches.float(), dim=-1)
-        return EncoderOutput(embedding=embedding, patches=patches)
+        return EncoderOutput(embedding=self._normalized(embedding, normalize),
+                             patches=self._normalized(patches, normalize))
 
     def __call__(self, images: ImageInput | list[ImageInput]) -> EncoderOutput:
         """Images (or one image; paths and URIs are opened) -> pooled embeddings [batch, dim] and patch
@@ -255,10 +276,28 @@ class Encoder:
 
 
 class OpenClipEncoder(Encoder):
-    """open_clip vision tower: pooled = projected image embedding, patches = ln_post tokens."""
+    """open_clip vision tower: pooled = projected image embedding, patches = ln_post tokens; with the
+    whole CLIP loaded, its text tower and tokenizer embed text into the same space."""
+
+    def __init__(self, spec: EncoderSpec, model: torch.nn.Module, device: torch.device, dtype: torch.dtype,
+                 normalize: bool):
+        super().__init__(spec, model, device, dtype, normalize)
+        self.visual = getattr(model, "visual", model)
+        self.tokenizer = _open_clip_tokenizer(spec) if self.has_text else None
+
+    @property
+    def has_text(self) -> bool:
+        return self.visual is not self.model
+
+    @torch.inference_mode()
+    def encode_text(self, texts: list[str], normalize: bool | None = None) -> torch.Tensor:
+        if not self.has_text:
+            return super().encode_text(texts, normalize)
+        tokens = self.tokenizer(list(texts)).to(self.device)
+        return self._normalized(self.model.encode_text(tokens), normalize)
 
     def _forward(self, pixels):
-        pooled, tokens = self.model(pixels)
+        pooled, tokens = self.visual(pixels)
         return pooled, tokens
 
 
@@ -272,13 +311,17 @@ class HFEncoder(Encoder):
 
 
 def create_encoder(name: str | EncoderSpec, device: str = "auto", dtype: str = "fp32",
-                   normalize: bool = False) -> Encoder:
-    """Load an encoder by registry name, directory, hub id or resolved spec."""
+                   normalize: bool = False, text: bool = False) -> Encoder:
+    """Load an encoder by registry name, directory, hub id or resolved spec; `text` keeps its text tower
+    (an error for an encoder without one)."""
     spec = resolve_encoder(name)
+    if text and not spec.has_text:
+        raise ValueError(f"encoder {spec.name!r} has no text tower: text embeddings need a CLIP "
+                         "(open_clip) encoder such as shapes-clip or clip")
     dev = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, dev)
     if spec.backend == "open_clip":
-        return OpenClipEncoder(spec, _load_open_clip(spec), dev, torch_dtype, normalize)
+        return OpenClipEncoder(spec, _load_open_clip(spec, text), dev, torch_dtype, normalize)
     return HFEncoder(spec, _load_hf(spec), dev, torch_dtype, normalize)
 
 
@@ -305,15 +348,16 @@ def architecture_spec(spec: EncoderSpec) -> EncoderSpec:
     return spec.model_copy(update={"pretrained": None, "random_config": config})
 
 
-def _load_open_clip(spec: EncoderSpec) -> torch.nn.Module:
+def _load_open_clip(spec: EncoderSpec, text: bool = False) -> torch.nn.Module:
+    """The vision tower, or with `text` the whole CLIP (its `visual` set to give tokens too)."""
     import open_clip
 
     if spec.random_config is not None:
         with torch.random.fork_rng():
             torch.manual_seed(0)
-            visual = open_clip.CLIP(**spec.random_config).visual
-        visual.output_tokens = True
-        return visual
+            model = open_clip.CLIP(**spec.random_config)
+        model.visual.output_tokens = True
+        return model if text else model.visual
     quick_gelu = False
     if spec.pretrained:
         quick_gelu = bool(open_clip.get_pretrained_cfg(spec.source, spec.pretrained).get("quick_gelu"))
@@ -325,7 +369,16 @@ def _load_open_clip(spec: EncoderSpec) -> torch.nn.Module:
     if not hasattr(visual, "output_tokens"):
         raise ValueError(f"open_clip model {spec.source} has no token output (not a ViT); patches unsupported")
     visual.output_tokens = True
-    return visual
+    return model if text else visual
+
+
+def _open_clip_tokenizer(spec: EncoderSpec):
+    """open_clip's own tokenizer for the model (its BPE ships in the wheel: nothing is downloaded)."""
+    import open_clip
+
+    if spec.random_config is not None:
+        return open_clip.get_tokenizer("", context_length=spec.random_config["text_cfg"].get("context_length", 77))
+    return open_clip.get_tokenizer(spec.source)
 
 
 def _load_hf(spec: EncoderSpec) -> torch.nn.Module:

@@ -52,6 +52,13 @@ class ImageFit:
     long_side: int | None = None
     pixels: int | None = None
 
+    @classmethod
+    def encoder_input(cls, side: int) -> "ImageFit":
+        """For an encoder whose input is `side` px: the short side to twice that, enough margin that the
+        encoder's own resize (and crop) gives the same pixels within resampling noise. `pixelray embed` and
+        the Serve encoders both scale so, so that an image's vector is the same in a store and over HTTP."""
+        return cls(short_side=2 * side)
+
     def scale(self, width: int, height: int) -> float:
         bounds = [(self.short_side, min(width, height)), (self.long_side, max(width, height)),
                   (self.pixels ** 0.5 if self.pixels else None, (width * height) ** 0.5)]

@@ -207,3 +207,49 @@ def train_tokenizer(out: str | Path, vocab_size: int = 512):
     fast.chat_template = CHAT_TEMPLATE
     fast.save_pretrained(out)
     return fast
+
+
+def descriptions(scene: list[Shape] | list[dict]) -> list[str]:
+    """Every true text about a scene, longest first: its caption, the shapes without their places
+    ("a red star and a blue circle"), and each shape on its own ("a red star"). A contrastive model
+    trained on all of them answers short search queries as well as whole captions."""
+    scene = [Shape(s["colour"], s["kind"], tuple(s["cell"])) if isinstance(s, dict) else s for s in scene]
+    texts = [caption(scene)]
+    if len(scene) > 1:
+        texts.append(" and ".join(s.named for s in scene))
+    texts.extend(dict.fromkeys(s.named for s in scene))
+    return texts
+
+
+def retrieval_queries() -> dict[tuple[str, str], str]:
+    """(colour, kind) -> the search query naming it, "a red star", for all 24 pairs."""
+    return {(c, k): Shape(c, k, (1, 1)).named for c in COLOURS for k in KINDS}
+
+
+def retrieval_precision(encoder, num: int = 1000, k: int = 10, min_count: int = 10,
+                        batch_size: int = 250) -> dict:
+    """Text-to-image search quality of a CLIP-style encoder (`create_encoder(name, text=True)`) on
+    `num` held-out images (rendered in memory from HELD_OUT_SEED): for each of the 24 queries "a red
+    star", ..., the share of its k nearest images (cosine) that hold a red star. `mean` averages the
+    queries whose pair is in at least `min_count` images (rarer ones cannot fill k hits reliably)."""
+    import torch
+
+    scenes, embeddings = [], []
+    for start in range(0, num, batch_size):
+        images = []
+        for i in range(start, min(num, start + batch_size)):
+            scene, rng = _example(i, HELD_OUT_SEED)
+            scenes.append({(s.colour, s.kind) for s in scene})
+            images.append(render(scene, rng))
+        embeddings.append(encoder(images).embedding.float())
+    image_emb = torch.nn.functional.normalize(torch.cat(embeddings), dim=-1)
+    queries = retrieval_queries()
+    text_emb = torch.nn.functional.normalize(encoder.encode_text(list(queries.values())).float(), dim=-1)
+    top = (text_emb @ image_emb.T).topk(k, dim=-1).indices.tolist()
+    per_query, counts = {}, {}
+    for (pair, text), hits in zip(queries.items(), top):
+        per_query[text] = sum(pair in scenes[i] for i in hits) / k
+        counts[text] = sum(pair in s for s in scenes)
+    scored = [p for q, p in per_query.items() if counts[q] >= min_count]
+    return {"mean": sum(scored) / max(1, len(scored)), "queries_scored": len(scored), "k": k, "images": num,
+            "per_query": per_query, "counts": counts}

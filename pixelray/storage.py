@@ -88,3 +88,22 @@ def read_bytes(uri: str, limit: int | None = None) -> bytes:
     check_regular_file(fs, path)
     with fs.open_input_stream(path) as f:
         return f.read() if limit is None else f.read(limit)
+
+
+def excluded_ids(uri: str) -> set[str]:
+    """The image_ids an exclusion table leaves out: a `pixelray dedup` table's rows whose `keep` is false (the
+    other images of each near-duplicate group), or every image_id of a Parquet table without `keep`."""
+    import pyarrow.parquet as pq
+
+    fs, path, _ = split_uri(uri)
+    try:
+        names = pq.read_schema(path, filesystem=fs).names
+    except FileNotFoundError:
+        raise ValueError(f"exclusion table {uri!r} does not exist") from None
+    except Exception as e:
+        raise ValueError(f"exclusion table {uri!r} is not a Parquet file: {e}") from None
+    if "image_id" not in names:
+        raise ValueError(f"exclusion table {uri!r} has no image_id column (a `pixelray dedup` table has one)")
+    table = pq.read_table(path, filesystem=fs, columns=["image_id"] + (["keep"] if "keep" in names else []))
+    drop = [not keep for keep in table["keep"].to_pylist()] if "keep" in names else [True] * table.num_rows
+    return {i for i, d in zip(table["image_id"].to_pylist(), drop) if d and i}

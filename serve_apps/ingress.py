@@ -1,10 +1,11 @@
-"""The HTTP ingress: one FastAPI app (the seed routes and the OpenAI-compatible /v1 routes) in front of
-the model deployments, built in its replica around the replica's Server.
+"""The HTTP ingress: one FastAPI app (the seed routes, the OpenAI-compatible /v1 routes, /v1/embeddings
+and /search) in front of the model, encoder and index deployments, built in its replica around the
+replica's Server.
 
 Every error is a JSON body {"error": {"message", "type", "code", "param"}} (protocol.ErrorResponse)
 with a 4xx status for bad input (400 unreadable, 401 key, 403 a POST from a foreign web page's Origin,
-404 model, 409 conversation, 413 too big, 421 a Host header naming another site, 422 bad values), 503
-when the models are overloaded, and for a hybrid model 503 when its LLM server cannot be reached or is
+404 model or store, 409 conversation, 413 too big, 421 a Host header naming another site, 422 bad
+values), 503 when the models are overloaded, and for a hybrid model 503 when its LLM server cannot be reached or is
 too slow, 502 when it answers with an error or garbage. Bodies are parsed by
 the admission layer, not by FastAPI, so that the key and the size limit are checked before a byte
 of a large upload is read. The Host header (and a POST's Origin) must name this server: localhost, its
@@ -23,7 +24,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from pixelray.errors import PixelrayError
-from pixelray.serve_apps import routes_openai, routes_seed
+from pixelray.serve_apps import routes_openai, routes_search, routes_seed
 from pixelray.serve_apps.fetch import normal_host
 from pixelray.serve_apps.protocol import ErrorResponse
 from pixelray.serve_apps.server import Server
@@ -102,7 +103,8 @@ class HostCheck:
 def create_app(server: Server) -> FastAPI:
     # the API's description (/docs, /redoc, /openapi.json) is public only where the API is: without a key
     public = server.args.api_key is None
-    app = FastAPI(title="pixelray", description="caption, VQA, chat and OpenAI-compatible endpoints",
+    app = FastAPI(title="pixelray", description="caption, VQA, chat, embeddings, search and OpenAI-compatible "
+                                                "endpoints",
                   docs_url="/docs" if public else None, redoc_url="/redoc" if public else None,
                   openapi_url="/openapi.json" if public else None)
     app.state.server = server
@@ -110,6 +112,7 @@ def create_app(server: Server) -> FastAPI:
     app.add_exception_handler(HTTPException, _http_error)
     app.include_router(routes_seed.router)
     app.include_router(routes_openai.router)
+    app.include_router(routes_search.router)
     app.add_middleware(HostCheck, allowed_hosts=server.args.allowed_hosts)
     return app
 
@@ -117,8 +120,10 @@ def create_app(server: Server) -> FastAPI:
 @serve.deployment
 @serve.ingress()
 class Ingress:
-    def __init__(self, models: dict[str, DeploymentHandle], args: AppArgs, hybrid_models: list[str]):
-        self.server = Server(models, args, hybrid_models)
+    def __init__(self, models: dict[str, DeploymentHandle], args: AppArgs, hybrid_models: list[str],
+                 encoders: dict[str, DeploymentHandle] | None = None, stores: dict[str, DeploymentHandle] | None = None,
+                 store_encoders: dict[str, str] | None = None):
+        self.server = Server(models, args, hybrid_models, encoders, stores, store_encoders)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return create_app(self.server)

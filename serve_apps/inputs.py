@@ -60,6 +60,19 @@ async def image_from_url(url: str, limits: ImageLimits, allowed_hosts: list[Allo
     return await image_from_bytes(data, limits, what)
 
 
+def is_image_input(text: str) -> bool:
+    """Whether a /v1/embeddings input is an image: a data URL of one (data:image/...;base64,...)."""
+    return text.startswith("data:image/")
+
+
+async def image_from_query(value: str, limits: ImageLimits, allowed_hosts: list[AllowedHost], what: str = "image",
+                           timeout_s: float = 10.0) -> Image.Image:
+    """/search's image: a data URL, an http(s) URL as `image_from_url` allows, or bare base64."""
+    if value.startswith(("data:", "http://", "https://")):
+        return await image_from_url(value, limits, allowed_hosts, what, timeout_s)
+    return await image_from_data_url("data:;base64," + value, limits, what)
+
+
 async def openai_conversation(messages: list[ChatMessage], limits: ImageLimits, allowed_hosts: list[AllowedHost],
                               max_images: int, timeout_s: float = 10.0) -> tuple[list[Message], list[Image.Image]]:
     """OpenAI messages -> (conversation in the chat format, its images in order). The images are counted

@@ -1,5 +1,5 @@
-"""What goes over the wire, typed: the seed API's requests and responses, OpenAI's chat-completions
-protocol (as much of it as a vision-language model server needs), and the error body.
+"""What goes over the wire, typed: the seed API's requests and responses, OpenAI's chat-completions and
+embeddings protocols (as much of them as a vision-language model server needs), /search, and the error body.
 
 Our own requests are strict (an unknown form field is a 422); OpenAI requests are lenient (unknown
 fields are accepted and ignored, as OpenAI-compatible servers do), and the values we use are
@@ -8,10 +8,12 @@ validated. Responses follow OpenAI's shapes, so the official `openai` client par
 
 from __future__ import annotations
 
+import base64
 import time
 import uuid
 from typing import Literal
 
+import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from pixelray.errors import PixelrayError
@@ -69,6 +71,8 @@ class ChatRequest(Lenient):
 class Health(BaseModel):
     status: Literal["ok"] = "ok"
     models: list[str]
+    encoders: list[str] = []
+    stores: list[str] = []
 
 
 class CaptionResponse(BaseModel):
@@ -231,6 +235,94 @@ class ModelList(BaseModel):
     def of(cls, names: list[str]) -> ModelList:
         created = int(time.time())
         return cls(data=[ModelCard(id=n, created=created) for n in names])
+
+
+# --- embeddings (OpenAI's shapes) and search -----------------------------------------------------------
+
+
+class EmbeddingRequest(Lenient):
+    """POST /v1/embeddings: a text or a list of them; an input that is a data URL (data:image/...;base64,...)
+    is an image. OpenAI's token-array inputs are refused with a 400 (an encoder has its own tokenizer)."""
+
+    model: str
+    input: str | list[str] | list[int] | list[list[int]]
+    encoding_format: Literal["float", "base64"] = "float"  # the openai client asks for base64 unless told
+    dimensions: int | None = Field(None, ge=1)  # accepted only when it is the encoder's own
+
+    def inputs(self, max_inputs: int) -> list[str]:
+        """The inputs as a list of non-empty strings: a 400 for none, an empty one or tokens, a 413 for too many."""
+        items = [self.input] if isinstance(self.input, str) else self.input
+        if not items:
+            raise PixelrayError("input is empty: give a text, a data URL or a list of them", 400, "empty_input")
+        if not all(isinstance(x, str) for x in items):
+            raise PixelrayError("token inputs are not supported: send the texts themselves", 400, "token_input")
+        if len(items) > max_inputs:
+            raise PixelrayError(f"{len(items)} inputs in one request; at most {max_inputs}", 413, "too_many_inputs")
+        for i, text in enumerate(items):
+            if not text.strip():
+                raise PixelrayError(f"input[{i}] is an empty string", 400, "empty_input")
+        return items
+
+
+class Embedding(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str  # base64: the float32 values' little-endian bytes
+
+
+class EmbeddingUsage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[Embedding]
+    model: str
+    usage: EmbeddingUsage
+
+    @classmethod
+    def of(cls, model: str, vectors: np.ndarray, tokens: int, encoding_format: str) -> EmbeddingResponse:
+        if encoding_format == "base64":
+            values = [base64.b64encode(v.astype("<f4").tobytes()).decode("ascii") for v in vectors]
+        else:
+            values = vectors.astype(np.float32).tolist()
+        return cls(model=model, usage=EmbeddingUsage(prompt_tokens=tokens, total_tokens=tokens),
+                   data=[Embedding(index=i, embedding=v) for i, v in enumerate(values)])
+
+
+class SearchRequest(Strict):
+    """POST /search: one query, a text or an image (a data URL or bare base64), against a store's index."""
+
+    text: str | None = None
+    image: str | None = None
+    k: int | None = Field(None, ge=1)  # default: 10, or the server's max_search_k when that is lower
+    store: str | None = None  # needed when the server searches more than one store
+
+    def query(self) -> str:
+        """The one query given (a 400 for both, neither, or an empty text)."""
+        if (self.text is None) == (self.image is None):
+            raise PixelrayError("give exactly one of `text` and `image`", 400, "invalid_query")
+        if self.text is not None and not self.text.strip():
+            raise PixelrayError("the text query is empty", 400, "empty_query")
+        return self.text if self.text is not None else self.image  # type: ignore[return-value]
+
+
+class SearchHit(BaseModel):
+    """One result: the row's image_id (null for a text row about no image), path and cosine score, then its
+    kept columns (caption, url, text, ...)."""
+
+    model_config = ConfigDict(extra="allow")
+
+    image_id: str | None
+    path: str | None
+    score: float | None
+
+
+class SearchResponse(BaseModel):
+    store: str
+    model: str  # the encoder that embedded the query
+    results: list[SearchHit]
 
 
 # --- errors ------------------------------------------------------------------------------------------

@@ -29,7 +29,7 @@ router = APIRouter(prefix="/v1")
 @router.get("/models")
 async def list_models(request: Request, server: Server = Depends(current)) -> ModelList:
     server.admission.admit(request)
-    return ModelList.of(list(server.models))
+    return ModelList.of([*server.models, *server.encoders])  # the embedding models too, as OpenAI lists them
 
 
 @router.post("/chat/completions", response_model=None)

@@ -27,7 +27,7 @@ router = APIRouter()
 
 @router.get("/health")
 async def health(server: Server = Depends(current)) -> Health:
-    return Health(models=list(server.models))
+    return Health(models=list(server.models), encoders=list(server.encoders), stores=list(server.stores))
 
 
 async def _ask(server: Server, request: Request, form_model: type[BaseModel], prompt: str,

@@ -64,6 +64,8 @@ class DataConfig(Strict):
     image_root: str | None = None  # relative image paths are resolved here (default: the data file's folder)
     max_length: int = Field(512, ge=8)
     shuffle_buffer: int = Field(1000, ge=0)  # rows; 0 keeps the file order
+    # a `pixelray dedup` table (Parquet): records of the images it does not keep are left out
+    exclude: str | None = None
 
 
 class LoraSettings(Strict):
@@ -156,7 +158,7 @@ class TrainConfig(Strict):
             return value
 
         tree = self.model_dump()
-        for section, keys in (("model", ("path", "text", "tokenizer")), ("data", ("train", "image_root"))):
+        for section, keys in (("model", ("path", "text", "tokenizer")), ("data", ("train", "image_root", "exclude"))):
             for key in keys:
                 tree[section][key] = fix(tree[section][key])
         for stage in tree["stages"]:
@@ -170,9 +172,65 @@ class TrainConfig(Strict):
         return path if path.is_file() else DEEPSPEED_DIR / path
 
 
-def load_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
+class ClipModelSettings(Strict):
+    """A CLIP built from random weights: `config` is an open_clip model config (embed_dim, vision_cfg,
+    text_cfg; `open_clip.CLIP(**config)`, a ViT image tower so patch features exist), `preprocess`
+    its open_clip preprocess settings (mean, std, interpolation), saved with it."""
+
+    config: dict[str, Any]
+    preprocess: dict[str, Any] = Field(default_factory=dict)
+    save_dtype: Literal["fp32", "fp16"] = "fp16"  # fp16 halves the file (open_clip loads it into fp32)
+
+
+class CaptionDataConfig(Strict):
+    """Images with captions as JSON lines, {"image", "captions": [...], "shapes"?: [...]} (the shapes
+    dataset's captions.jsonl, `pixelray eval`'s references). Records with `shapes` also train on the
+    shorter true texts pixelray.shapes.descriptions gives ("a red star"), `short_texts` of the time."""
+
+    train: str
+    image_root: str | None = None  # relative image paths are resolved here (default: the file's folder)
+    short_texts: float = Field(0.6, ge=0, le=1)
+
+
+class ContrastiveSchedule(Strict):
+    max_steps: int = Field(ge=1)
+    batch_size: int = Field(256, ge=2)  # per worker; the loss contrasts every worker's pairs
+    lr: float = Field(1e-3, gt=0)
+    min_lr_ratio: float = Field(0.05, ge=0, le=1)
+    warmup_steps: int = Field(0, ge=0)
+    weight_decay: float = Field(0.1, ge=0)
+    grad_clip: float = Field(1.0, ge=0)
+    log_every: int = Field(10, ge=1)
+    checkpoint_every: int = Field(500, ge=1)
+
+
+class ContrastiveConfig(Strict):
+    """`recipe: contrastive`: a CLIP-style image/text model trained with open_clip's ClipLoss
+    (train_jobs/contrastive.py). `eval_shapes` > 0 adds the text-to-image precision@10 on that many
+    held-out shapes images to the summary (pixelray.shapes.retrieval_precision)."""
+
+    recipe: Literal["contrastive"]
+    output_dir: str
+    model: ClipModelSettings
+    data: CaptionDataConfig
+    train: ContrastiveSchedule
+    scaling: ScalingSettings = ScalingSettings()
+    seed: int = 0
+    eval_shapes: int = Field(0, ge=0)
+
+    def with_absolute_paths(self) -> ContrastiveConfig:
+        """Relative local paths made absolute: Ray Train workers do not run in the driver's directory."""
+        fix = {"train": str(Path(self.data.train).resolve())}
+        if self.data.image_root:
+            fix["image_root"] = str(Path(self.data.image_root).resolve())
+        return self.model_copy(update={"output_dir": str(Path(self.output_dir).resolve()),
+                                       "data": self.data.model_copy(update=fix)})
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig | ContrastiveConfig:
     """The YAML file at `path` with the `key.sub.0=value` overrides applied (OmegaConf's dotlist),
-    validated; a bad override is a ValueError that names it."""
+    validated; a bad override is a ValueError that names it. `recipe: contrastive` makes it a
+    ContrastiveConfig; without `recipe` it is the two-stage VLM recipe's TrainConfig."""
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
@@ -185,4 +243,5 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> TrainConfig:
             tree.merge_with_dotlist([override])
         except (OmegaConfBaseException, TypeError) as e:
             raise ValueError(f"override {override!r} does not apply to {path}: {str(e).splitlines()[0]}") from None
-    return TrainConfig.model_validate(OmegaConf.to_container(tree))
+    tree = OmegaConf.to_container(tree)
+    return (ContrastiveConfig if "recipe" in tree else TrainConfig).model_validate(tree)

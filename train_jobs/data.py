@@ -24,8 +24,8 @@ import torch
 
 from pixelray.generators import DEFAULT_PROMPT
 from pixelray.generators.families import family
-from pixelray.images import ImageError, decode_image
-from pixelray.storage import read_bytes
+from pixelray.images import ImageError, decode_image, image_id
+from pixelray.storage import excluded_ids, read_bytes
 from pixelray.train_jobs.config import DataConfig
 
 logger = logging.getLogger(__name__)
@@ -54,8 +54,10 @@ def read_records(cfg: DataConfig) -> ray.data.Dataset:
     else:
         ds = ray.data.read_json(paths, lines=kind == "jsonl")
     root = cfg.image_root or posixpath.dirname(paths[0].rstrip("/"))
-    ds = (ds.map(to_conversation, fn_kwargs={"fmt": cfg.format, "root": root})
-            .map_batches(read_image_bytes, batch_format="pyarrow"))
+    ds = ds.map(to_conversation, fn_kwargs={"fmt": cfg.format, "root": root})
+    if cfg.exclude:
+        ds = ds.map_batches(not_excluded, batch_format="pyarrow", fn_kwargs={"drop": excluded_ids(cfg.exclude)})
+    ds = ds.map_batches(read_image_bytes, batch_format="pyarrow")
     # Rows keep the files' order, so every run (and every resumed run) splits them the same way.
     ds.context.execution_options.preserve_order = True
     return ds
@@ -76,6 +78,14 @@ def to_conversation(row: dict[str, Any], fmt: str, root: str) -> dict[str, Any]:
     if root and "://" not in image and not posixpath.isabs(image):
         image = posixpath.join(root, image)
     return {"id": str(row.get("id") or image), "image": image, "conversations": turns}
+
+
+def not_excluded(batch, drop: set[str]):
+    """The records whose image is not in `drop`, by the id `pixelray embed` gives it (of its absolute path)."""
+    import pyarrow as pa
+
+    keep = [image_id(posixpath.normpath(p)) not in drop for p in batch.column("image").to_pylist()]
+    return batch.filter(pa.array(keep, pa.bool_()))
 
 
 def read_image_bytes(batch):

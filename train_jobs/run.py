@@ -1,4 +1,5 @@
-"""Run a training config's stages one after another on Ray Train with DeepSpeed.
+"""Run a training config's stages one after another on Ray Train with DeepSpeed (a config with
+`recipe: contrastive` goes to train_jobs/contrastive.py instead).
 
 Run as:
     pixelray train --config train_jobs/configs/shapes.yaml [key=value ...] [--resume] [--address ADDR]
@@ -32,15 +33,19 @@ import ray
 import ray.train
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from pixelray.train_jobs.config import TrainConfig
+from pixelray.train_jobs.config import ContrastiveConfig, TrainConfig
 from pixelray.train_jobs.data import PixelRayCollator, check_lengths, read_records
 from pixelray.train_jobs.loop import train_loop
 
 logger = logging.getLogger(__name__)
 
 
-def run_training(cfg: TrainConfig, resume: bool = False, overwrite: bool = False,
+def run_training(cfg: TrainConfig | ContrastiveConfig, resume: bool = False, overwrite: bool = False,
                  address: str | None = None) -> dict[str, Any]:
+    if isinstance(cfg, ContrastiveConfig):  # `recipe: contrastive`: a CLIP-style model (train_jobs/contrastive.py)
+        from pixelray.train_jobs.contrastive import run_contrastive
+
+        return run_contrastive(cfg, resume=resume, overwrite=overwrite, address=address)
     from pixelray.runtime import cluster_resources, init_ray
 
     cfg = cfg.with_absolute_paths()

@@ -1,14 +1,18 @@
 """The `pixelray` command line: the composition root, which may import every layer and which nothing imports.
 
 Run as:
-    pixelray embed INPUT --out DIR [--encoder NAME] [--batch-size N] [--patches] [--resume]
+    pixelray embed INPUT --out DIR [--encoder NAME] [--batch-size N] [--patches] [--resume] [--columns A,B]
+    pixelray embed TEXTS --text-column COLUMN --out DIR --encoder NAME     (a caption store, Parquet or JSON lines)
+    pixelray index STORE [--memory-budget 4GiB] [--rebuild]
+    pixelray search STORE (--text TEXT | --image PATH) [-k 10] [--json]
+    pixelray dedup STORE [--threshold 0.95] [--out FILE]
     pixelray caption INPUT --out DIR [--model NAME] [--prompt TEXT] [--question TEXT | --questions FILE]
     pixelray train --config FILE [key=value ...] [--resume | --overwrite]
     pixelray eval PREDICTIONS --references FILE   |   pixelray eval --shapes N --model NAME --out DIR
     pixelray shapes --out DIR --num N [--seed S]
     pixelray serve [--config FILE] [--address ADDR] [key=value ...]
     pixelray models
-    pixelray submit {embed|caption|train|eval} ARGS... --address http://HEAD:8265 [--no-wait]
+    pixelray submit {embed|caption|train|eval|index|dedup} ARGS... --address http://HEAD:8265 [--no-wait]
     pixelray jobs {list | logs JOB [--follow] | stop JOB} --address http://HEAD:8265
 
 A mistake the user can fix (a bad option or value, a missing file or model, an existing store, no GPU
@@ -54,6 +58,8 @@ def _jobs_parsers(sub) -> None:
                                    "OUT/captions/*.parquet; bad images go to OUT/errors/*.parquet.")
     CAPTION.add_to(p)
 
+    _store_parsers(sub)
+
     p = sub.add_parser("train", help="two-stage / LoRA fine-tuning on Ray Train with DeepSpeed",
                        description="Run the stages of a training config (train_jobs/configs/*.yaml) one after "
                                    "another; each writes OUTPUT_DIR/STAGE/{model,checkpoint_*,metrics.csv,loss.png}.")
@@ -91,10 +97,43 @@ def _jobs_parsers(sub) -> None:
     sub.add_parser("models", help="list the models the registry knows, and which are available offline")
 
 
+def _store_parsers(sub) -> None:
+    p = sub.add_parser("index", help="build or update a feature store's vector index (faiss)",
+                       description="Index the embeddings of STORE into STORE/index/: exact for small stores, IVF "
+                                   "(sized from the row count and --memory-budget, its probes tuned to "
+                                   "--target-recall) for large ones. Run again after a resumed embed: only the new "
+                                   "rows are added.")
+    p.add_argument("store", metavar="STORE", help="a `pixelray embed` output directory or URI")
+    p.add_argument("--memory-budget", default="4GiB", help="the most the index may take in memory (default: 4GiB)")
+    p.add_argument("--target-recall", type=float, default=0.95,
+                   help="recall@10 against exact search that an approximate index is tuned to (default: 0.95)")
+    p.add_argument("--rebuild", action="store_true", help="build from scratch rather than add the new rows")
+
+    p = sub.add_parser("search", help="top-k images of a store for a text or an image",
+                       description="Embed the query with the store's encoder and print the nearest rows of "
+                                   "its index (`pixelray index STORE` first).")
+    p.add_argument("store", metavar="STORE")
+    query = p.add_mutually_exclusive_group(required=True)
+    query.add_argument("--text", help="a text query (the encoder needs a text tower: a CLIP)")
+    query.add_argument("--image", help="an image file or URI: image-to-image search")
+    p.add_argument("-k", "--top-k", type=int, default=10, help="results (default: 10)")
+    p.add_argument("--json", action="store_true", help="JSON lines instead of a table")
+    p.add_argument("--device", default="auto", help="where the query encoder runs")
+
+    p = sub.add_parser("dedup", help="near-duplicate groups of a store, as a table caption and train accept",
+                       description="Group the images of STORE whose embeddings are within --threshold (cosine "
+                                   "similarity) and write OUT (default STORE/dedup.parquet): image_id, path, group, "
+                                   "keep. `pixelray caption --exclude OUT` and a training config's data.exclude "
+                                   "then keep one image per group.")
+    p.add_argument("store", metavar="STORE")
+    p.add_argument("--threshold", type=float, default=0.95, help="cosine similarity (default: 0.95)")
+    p.add_argument("--out", default=None, help="the table's path (default: STORE/dedup.parquet)")
+
+
 def _cluster_parsers(sub) -> None:
     from pixelray.cluster.submit import JOBS, RUNTIME_ENV
 
-    p = sub.add_parser("submit", help="run embed, caption, train or eval on a Ray cluster (Job Submission SDK)",
+    p = sub.add_parser("submit", help="run embed, caption, train, eval, index or dedup on a Ray cluster (Job Submission SDK)",
                        description="Submit `pixelray JOB ...` to a Ray cluster with this project as its working "
                                    "dir; follow its logs and exit with its status.",
                        epilog="e.g. pixelray submit embed examples/shapes --out s3://bucket/features "
@@ -127,6 +166,11 @@ def _run_embed(args: argparse.Namespace) -> int:
     from pixelray.pipelines.embed import run_embed
 
     cfg = EMBED.build(args)
+    if cfg.text_column:
+        from pixelray.pipelines.embed_text import run_embed_text
+
+        print(run_embed_text(cfg))
+        return 0
     if cfg.encoder == "default":
         print("note: encoder 'default' has random weights (for debugging pipelines); "
               "use --encoder clip or dinov2 for meaningful features", file=sys.stderr)
@@ -196,6 +240,39 @@ def _run_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_index(args: argparse.Namespace) -> int:
+    from pixelray.pipelines.index import build_index
+
+    print(build_index(args.store, memory_budget=args.memory_budget, target_recall=args.target_recall,
+                      rebuild=args.rebuild))
+    return 0
+
+
+def _run_search(args: argparse.Namespace) -> int:
+    from pixelray.vectors import open_index, query_vectors
+
+    index = open_index(args.store)
+    queries = query_vectors(index.manifest, texts=[args.text] if args.text else None,
+                            images=[args.image] if args.image else None, device=args.device)
+    hits = index.search(queries, args.top_k)[0]
+    if args.json:
+        for hit in hits:
+            print(json.dumps({"image_id": hit.image_id, "path": hit.path, "score": round(hit.score, 6),
+                              **hit.columns}, default=str))
+        return 0
+    for rank, hit in enumerate(hits, 1):
+        extra = "  ".join(f"{k}={v}" for k, v in hit.columns.items() if v is not None)
+        print(f"{rank:3d}  {hit.score:.4f}  {hit.path}" + (f"  {extra}" if extra else ""))
+    return 0
+
+
+def _run_dedup(args: argparse.Namespace) -> int:
+    from pixelray.pipelines.dedup import find_duplicates
+
+    print(find_duplicates(args.store, threshold=args.threshold, out=args.out))
+    return 0
+
+
 def _run_models(args: argparse.Namespace) -> int:
     from pixelray.encoders import list_encoders
     from pixelray.generators import list_generators
@@ -236,6 +313,7 @@ def _run_jobs(args: argparse.Namespace) -> int:
 
 HANDLERS = {"embed": _run_embed, "caption": _run_caption, "train": _run_train, "eval": _run_eval,
             "shapes": _run_shapes, "serve": _run_serve, "models": _run_models, "submit": _run_submit,
+            "index": _run_index, "search": _run_search, "dedup": _run_dedup,
             "jobs": _run_jobs}
 
 

@@ -84,7 +84,7 @@ def test_submitted_embed_job_writes_what_a_local_run_writes(cluster, ray_address
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     job_id = submitted_id(proc)
     # the job's own output came back through the followed logs, and it ran in the uploaded copy
-    assert "8 images embedded, 0 errors" in proc.stdout and f"{job_id}: SUCCEEDED" in proc.stdout
+    assert "16 images embedded, 0 errors" in proc.stdout and f"{job_id}: SUCCEEDED" in proc.stdout
     remote_paths = pq.read_table(tmp_path / "remote" / "features")["path"].to_pylist()
     assert all("working_dir_files" in p for p in remote_paths)
 
@@ -104,7 +104,7 @@ def test_no_wait_then_follow_a_caption_job(cluster, tmp_path):
 
     follow = pixelray("jobs", "logs", job_id, "--follow", "--address", cluster.address)
     assert follow.returncode == 0, follow.stdout[-3000:]
-    assert "8 images captioned, 0 errors" in follow.stdout and f"{job_id}: SUCCEEDED" in follow.stdout
+    assert "16 images captioned, 0 errors" in follow.stdout and f"{job_id}: SUCCEEDED" in follow.stdout
     # the bundled shapes-demo model is trained: its captions are checked, not just counted
     refs = {Path(json.loads(line)["image"]).name: json.loads(line) for line in (EXAMPLES / "captions.jsonl").open()}
     rows = pq.read_table(tmp_path / "caps" / "captions").to_pylist()
@@ -113,7 +113,7 @@ def test_no_wait_then_follow_a_caption_job(cluster, tmp_path):
         ref = refs[Path(row["path"]).name]
         assert caption_correct(row["caption"], ref["shapes"]), (row["caption"], ref["captions"])
     logs = pixelray("jobs", "logs", job_id, "--address", cluster.address, timeout=60)
-    assert logs.returncode == 0 and "8 images captioned, 0 errors" in logs.stdout
+    assert logs.returncode == 0 and "16 images captioned, 0 errors" in logs.stdout
 
 
 @pytest.mark.slow

@@ -42,7 +42,7 @@ def test_the_public_names_are_few_and_cheap_to_import():
 def test_caption_and_answer_with_the_bundled_model(shapes_demo):
     paths = [SHAPES / c["image"] for c in CAPTIONS]
     captions = shapes_demo.caption_batch(paths)  # paths are opened and checked as the batch jobs do
-    assert sum(caption_correct(text, c["shapes"]) for text, c in zip(captions, CAPTIONS)) >= 7, captions
+    assert sum(caption_correct(text, c["shapes"]) for text, c in zip(captions, CAPTIONS)) >= len(CAPTIONS) - 1, captions
     assert shapes_demo.caption(Image.open(paths[2]).convert("RGB")) == captions[2]  # one image, the same text
     asked = [q for q in QUESTIONS if q["image"] == CAPTIONS[2]["image"]]
     answers = shapes_demo.answer_batch([SHAPES / q["image"] for q in asked], [q["question"] for q in asked],

@@ -109,6 +109,23 @@ def test_bundled_model_answers_held_out_images(held_out):
     assert sum(right) >= 36, [(q["question"], a.text) for a, q in zip(answers, qa)]
 
 
+def test_shapes_clip_finds_held_out_shapes_by_text():
+    """The bundled shapes CLIP puts texts and images in one space: "a red star" ranks held-out images
+    that hold a red star first (precision@10 over the colour x kind queries; an untrained model
+    scores about 0.06: a pair is in one image of 16). 0.971 on these 400 images, 0.996 on 1,000."""
+    from pixelray.encoders import create_encoder, resolve_encoder
+    from pixelray.shapes import descriptions, retrieval_precision
+
+    weights = Path(resolve_encoder("shapes-clip").source.removeprefix("local-dir:")) / "open_clip_model.safetensors"
+    assert weights.stat().st_size <= 9 * 1024 * 1024
+    encoder = create_encoder("shapes-clip", device="cpu", text=True, normalize=True)
+    result = retrieval_precision(encoder, num=400)
+    assert result["queries_scored"] == 24 and result["mean"] >= 0.9, result
+    scene = [Shape("orange", "star", (0, 0)), Shape("blue", "square", (2, 2))]
+    assert descriptions(scene) == ["an orange star at the top left and a blue square at the bottom right",
+                                   "an orange star and a blue square", "an orange star", "a blue square"]
+
+
 def test_eval_refuses_a_folder_without_captions(tmp_path):
     refs = write_dataset(tmp_path / "data", 2, seed=1) / "captions.jsonl"
     proc = subprocess.run([sys.executable, "-m", "pixelray.cli", "eval", str(tmp_path / "data"), "--references",

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pixelray.generators import GenerationConfig, create_generator
-from pixelray.images import decode_image
+from pixelray.images import decode_image, image_id
 from pixelray.pipelines.caption import CaptionConfig, run_caption
 from pixelray.testing.images import write_folder
 
@@ -71,6 +71,13 @@ def test_vqa_questions_file_one_answer_per_row(ray_address, tiny_vlm_dirs, tmp_p
     qfile.write_text(qfile.read_text() + "\n" + json.dumps({"image": f"imgs/{b}", "question": "How many cars?"}))
     again = run_caption(cfg.model_copy(update={"resume": True}))
     assert (again.written, again.errors, again.previously_stored) == (1, 0, 4)
+
+    # a dedup table that keeps b of the group {a, b}: a's questions are left out, the others answered
+    ids = [image_id(str(tmp_path / "imgs" / name)) for name in (a, b)]
+    pq.write_table(pa.table({"image_id": ids, "group": [0, 0], "keep": [False, True]}), tmp_path / "dedup.parquet")
+    res = run_caption(cfg.model_copy(update={"out": str(tmp_path / "v2"), "exclude": str(tmp_path / "dedup.parquet")}))
+    assert (res.written, res.errors, res.excluded) == (2, 1, 2)
+    assert {Path(p).name for p in pq.read_table(tmp_path / "v2/captions")["path"].to_pylist()} == {b}
 
 
 def test_questions_file_errors(tmp_path):

@@ -20,6 +20,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
+from pixelray.images import image_id
 from pixelray.shapes import train_tokenizer, write_dataset
 from pixelray.train_jobs.config import LoraSettings, StageConfig, load_config
 from pixelray.train_jobs.data import PixelRayCollator, make_collator, read_records, to_messages
@@ -93,6 +94,14 @@ def test_readers_take_both_formats(ray_address, shapes_data, tmp_path):
             {"from": "human", "value": "<image>\nDescribe."}, {"from": "gpt", "value": simple[0]["text"]}]
     with pytest.raises(ValueError, match=".json, .jsonl or .parquet"):
         read_records(cfg.model_copy(update={"train": str(tmp_path / "x.csv")}))
+
+    # a dedup table that drops the first record's image: its records are left out, by the id `pixelray embed` gives it
+    dropped = str(shapes_data / llava[0]["image"])
+    pq.write_table(pa.table({"image_id": [image_id(dropped)], "keep": [False]}), tmp_path / "dedup.parquet")
+    rows = read_records(cfg.model_copy(update={"train": str(tmp_path / "l.json"), "image_root": str(shapes_data),
+                                               "exclude": str(tmp_path / "dedup.parquet")})).take_all()
+    assert sorted(r["id"] for r in rows) == sorted(r["id"] for r in llava if str(shapes_data / r["image"]) != dropped)
+    assert len(rows) < len(llava)
 
 
 def test_collator_labels_only_the_replies(shapes_data):
