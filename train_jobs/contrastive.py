@@ -25,7 +25,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import shutil
 import tempfile
 import time
@@ -53,23 +52,14 @@ logger = logging.getLogger(__name__)
 def run_contrastive(cfg: ContrastiveConfig, resume: bool = False, overwrite: bool = False,
                     address: str | None = None) -> dict[str, Any]:
     """Train on Ray Train, copy the model out of the final checkpoint, write metrics and the summary."""
-    from pixelray.runtime import cluster_resources, init_ray
-    from pixelray.train_jobs.run import write_metrics
+    from pixelray.train_jobs.run import start_run, write_metrics
 
     cfg = cfg.with_absolute_paths()
     out, run_dir = Path(cfg.output_dir), Path(cfg.output_dir) / RUN_NAME
     if resume and (out / "summary.json").is_file() and (run_dir / "model").is_dir():
         logger.info("%s: already trained, nothing to do", run_dir)
         return json.loads((out / "summary.json").read_text())
-    if out.exists() and any(out.iterdir()) and not (resume or overwrite):
-        raise FileExistsError(f"{out} already holds a training run: pass --resume to go on, or --overwrite")
-    if overwrite and out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(cfg.model_dump_json(indent=2))
-    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")  # see run.run_training
-    init_ray(address)
-    use_gpu = cluster_resources()[0].get("GPU", 0) > 0 if cfg.scaling.use_gpu == "auto" else cfg.scaling.use_gpu
+    use_gpu = start_run(cfg, out, resume=resume, overwrite=overwrite, address=address)
 
     resume_from = _last_checkpoint(run_dir) if resume else None
     started = time.perf_counter()

@@ -40,16 +40,12 @@ from pixelray.train_jobs.loop import train_loop
 logger = logging.getLogger(__name__)
 
 
-def run_training(cfg: TrainConfig | ContrastiveConfig, resume: bool = False, overwrite: bool = False,
-                 address: str | None = None) -> dict[str, Any]:
-    if isinstance(cfg, ContrastiveConfig):  # `recipe: contrastive`: a CLIP-style model (train_jobs/contrastive.py)
-        from pixelray.train_jobs.contrastive import run_contrastive
-
-        return run_contrastive(cfg, resume=resume, overwrite=overwrite, address=address)
+def start_run(cfg: TrainConfig | ContrastiveConfig, out: Path, *, resume: bool, overwrite: bool,
+              address: str | None) -> bool:
+    """What every recipe does first: claim `out` (an earlier run there needs --resume or --overwrite), write the
+    config into it, join or start Ray; returns whether the workers get GPUs."""
     from pixelray.runtime import cluster_resources, init_ray
 
-    cfg = cfg.with_absolute_paths()
-    out = Path(cfg.output_dir)
     if out.exists() and any(out.iterdir()) and not (resume or overwrite):
         raise FileExistsError(f"{out} already holds a training run: pass --resume to go on, or --overwrite")
     if overwrite and out.exists():
@@ -60,7 +56,18 @@ def run_training(cfg: TrainConfig | ContrastiveConfig, resume: bool = False, ove
     # dominate short steps. It must be set before a local Ray starts (workers inherit it).
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
     init_ray(address)
-    use_gpu = cluster_resources()[0].get("GPU", 0) > 0 if cfg.scaling.use_gpu == "auto" else cfg.scaling.use_gpu
+    return cluster_resources()[0].get("GPU", 0) > 0 if cfg.scaling.use_gpu == "auto" else cfg.scaling.use_gpu
+
+
+def run_training(cfg: TrainConfig | ContrastiveConfig, resume: bool = False, overwrite: bool = False,
+                 address: str | None = None) -> dict[str, Any]:
+    if isinstance(cfg, ContrastiveConfig):  # `recipe: contrastive`: a CLIP-style model (train_jobs/contrastive.py)
+        from pixelray.train_jobs.contrastive import run_contrastive
+
+        return run_contrastive(cfg, resume=resume, overwrite=overwrite, address=address)
+    cfg = cfg.with_absolute_paths()
+    out = Path(cfg.output_dir)
+    use_gpu = start_run(cfg, out, resume=resume, overwrite=overwrite, address=address)
     if cfg.model.quantization and not use_gpu:
         raise ValueError(f"model.quantization={cfg.model.quantization} (bitsandbytes) needs CUDA GPUs; "
                          "this cluster has none: train in bf16/fp32 without it")
