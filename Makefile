@@ -29,10 +29,14 @@ endif
 	touch $(STAMP)
 
 # The main job on the example images shipped in the repo, offline: the bundled shapes-demo model
-# (pixelray/models/shapes-demo) captions them, and the captions are scored against the references.
+# (pixelray/models/shapes-demo) captions them, and the captions are scored against the references; the
+# bundled shapes CLIP (pixelray/models/shapes-clip) embeds them, and a text query searches the store.
 demo: $(STAMP)
 	$(BIN)/pixelray caption examples/shapes --out runs/demo --overwrite
 	$(BIN)/pixelray eval runs/demo --references examples/shapes/captions.jsonl
+	$(BIN)/pixelray embed examples/shapes --out runs/demo-features --encoder shapes-clip --overwrite
+	$(BIN)/pixelray index runs/demo-features
+	$(BIN)/pixelray search runs/demo-features --text "a red star" -k 5
 
 test: $(STAMP)
 	$(BIN)/python -m pytest tests
@@ -45,6 +49,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/caption.py
 	$(BIN)/python benchmarks/serve_load.py
 	$(BIN)/python benchmarks/hostile.py
+	$(BIN)/python benchmarks/search.py
 
 clean:
 	rm -rf runs .pytest_cache

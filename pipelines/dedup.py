@@ -12,8 +12,8 @@ The table written, STORE/dedup.parquet (or `out`), has one row per image in a gr
     group             the group's number (0, 1, ...)
     keep              True for the one image of its group to keep: the first by path
 
-Images not in it are unique. `pixelray caption --filter` and `pixelray train --filter` read it with
-`read_filter`, which returns the image_ids to leave out (keep == False).
+Images not in it are unique. `pixelray caption --exclude` and a training config's `data.exclude` leave out
+its images with keep == False (pixelray.storage.excluded_ids reads it).
 
 Stores of up to EXACT_MAX rows are compared exactly (faiss range search over every pair). Larger ones go
 through the store's index (built, or brought up to date, first: `pixelray index STORE`): each image's
@@ -30,17 +30,14 @@ from dataclasses import dataclass
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 
 from pixelray.pipelines.index import StoreFeatures, build_index, faiss, open_index
 from pixelray.pipelines.store import write_parquet_atomic
-from pixelray.storage import split_uri
+from pixelray.storage import DEDUP_TABLE, split_uri
 
 EXACT_MAX = 50_000  # rows compared all against all
 NEIGHBOURS = 16  # candidates per image through the index, larger stores
 QUERY_ROWS = 4096  # queries per faiss call
-TABLE = "dedup.parquet"
 SCHEMA = pa.schema([("image_id", pa.string()), ("path", pa.string()), ("group", pa.int64()), ("keep", pa.bool_())])
 
 
@@ -78,7 +75,7 @@ def find_duplicates(store_uri: str, threshold: float = 0.95, out: str | None = N
     else:
         ids, paths, pairs, method = _index_pairs(src, threshold)
     table = _groups(ids, paths, pairs)
-    out = out or f"{src.uri}/{TABLE}"
+    out = out or f"{src.uri}/{DEDUP_TABLE}"
     fs, path, _ = split_uri(out)
     fs.create_dir(os.path.dirname(path), recursive=True)
     write_parquet_atomic(table, fs, path)
@@ -149,19 +146,3 @@ def _groups(ids: list, paths: list, pairs: np.ndarray) -> pa.Table:
                       members.values()), key=lambda m: (paths[m[0]] is None, paths[m[0]] or "", ids[m[0]] or ""))
     rows = [(ids[i], paths[i], g, j == 0) for g, m in enumerate(by_path) for j, i in enumerate(m)]
     return pa.Table.from_pylist([dict(zip(SCHEMA.names, r)) for r in rows], schema=SCHEMA)
-
-
-def read_filter(uri: str) -> set[str]:
-    """The image_ids a dedup table says to leave out (keep == False). `uri` is the table, or a store that
-    holds one (STORE/dedup.parquet). ValueError when it is not a dedup table."""
-    fs, path, _ = split_uri(uri)
-    if fs.get_file_info(path).type == pafs.FileType.Directory:
-        path = f"{path.rstrip('/')}/{TABLE}"
-    try:
-        table = pq.read_table(path, filesystem=fs)
-    except FileNotFoundError:
-        raise ValueError(f"{uri}: no dedup table there (make one with `pixelray dedup STORE`)") from None
-    missing = [c for c in ("image_id", "keep") if c not in table.column_names]
-    if missing:
-        raise ValueError(f"{uri} is not a dedup table: it has no {missing[0]!r} column")
-    return set(table.filter(pc.invert(table["keep"]))["image_id"].to_pylist())

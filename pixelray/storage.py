@@ -90,16 +90,23 @@ def read_bytes(uri: str, limit: int | None = None) -> bytes:
         return f.read() if limit is None else f.read(limit)
 
 
+DEDUP_TABLE = "dedup.parquet"  # what `pixelray dedup STORE` writes in the store (pipelines/dedup.py)
+
+
 def excluded_ids(uri: str) -> set[str]:
     """The image_ids an exclusion table leaves out: a `pixelray dedup` table's rows whose `keep` is false (the
-    other images of each near-duplicate group), or every image_id of a Parquet table without `keep`."""
+    other images of each near-duplicate group), or every image_id of a Parquet table without `keep`. `uri` is
+    the table, or a store that holds one (STORE/dedup.parquet). ValueError when it is neither."""
+    import pyarrow.fs as pafs
     import pyarrow.parquet as pq
 
     fs, path, _ = split_uri(uri)
+    if fs.get_file_info(path).type == pafs.FileType.Directory:
+        path = f"{path.rstrip('/')}/{DEDUP_TABLE}"
     try:
         names = pq.read_schema(path, filesystem=fs).names
     except FileNotFoundError:
-        raise ValueError(f"exclusion table {uri!r} does not exist") from None
+        raise ValueError(f"exclusion table {uri!r} does not exist (make one with `pixelray dedup STORE`)") from None
     except Exception as e:
         raise ValueError(f"exclusion table {uri!r} is not a Parquet file: {e}") from None
     if "image_id" not in names:

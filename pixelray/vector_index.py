@@ -1,6 +1,6 @@
-"""The vector index of a feature store, read side: open STORE/index (written by `pixelray index`,
-pipelines/index.py) and search it. Here in the library so that the search command and the Serve app read
-it without the batch jobs.
+"""Searching a feature store: open its index STORE/index (written by `pixelray index`, pipelines/index.py),
+embed queries as the store's rows were embedded, and search. Here in the library so that the search command
+and the Serve app read it without the batch jobs.
 
     STORE/index/
       index.faiss          the faiss index over the L2-normalised embeddings, inner product (= cosine)
@@ -11,6 +11,7 @@ it without the batch jobs.
       tuning.npz           the sample queries the search parameters are tuned on, with their exact neighbours
 
     index = open_index("runs/features")          # ValueError when there is none: run `pixelray index STORE`
+    queries = query_vectors(index.manifest, texts=["a red star"])  # the store's own encoder, its text tower
     index.search(queries, k=10)                  # [[Hit(image_id, path, score, columns), ...], ...]
 """
 
@@ -29,6 +30,8 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict
 
+from pixelray.encoders import Encoder, EncoderSpec, create_encoder, resolve_encoder
+from pixelray.images import ImageInput, as_image
 from pixelray.storage import split_uri
 
 logger = logging.getLogger(__name__)
@@ -231,5 +234,37 @@ def open_index(store_uri: str, threads: int | None = None) -> StoreIndex:
     return StoreIndex(uri, info, index, rows, manifest)
 
 
-__all__ = ["Hit", "IndexInfo", "RowPart", "StoreIndex", "faiss", "feature_files", "open_index", "read_faiss_index",
-           "read_manifest"]
+__all__ = ["Hit", "IndexInfo", "RowPart", "StoreIndex", "faiss", "feature_files", "open_index", "query_vectors",
+           "read_faiss_index", "read_manifest", "store_encoder", "store_encoder_spec"]
+
+
+def store_encoder_spec(manifest: dict[str, Any]) -> tuple[str, EncoderSpec]:
+    """The encoder that embedded a store, as (what it is loaded by, its spec): by its registry name where it
+    has one (the folder it was loaded from may be another machine's), else by the source the store records."""
+    if manifest.get("job") != "embed" or not manifest.get("encoder"):
+        raise ValueError("the store was not written by `pixelray embed`: it records no encoder")
+    try:
+        return manifest["encoder"], resolve_encoder(manifest["encoder"])
+    except ValueError:
+        if not manifest.get("encoder_source"):
+            raise
+        return manifest["encoder_source"], resolve_encoder(manifest["encoder_source"])
+
+
+def store_encoder(manifest: dict[str, Any], device: str = "auto", text: bool = False) -> Encoder:
+    """The store's encoder, loaded (with its text tower when `text`)."""
+    return create_encoder(store_encoder_spec(manifest)[1], device=device, text=text, normalize=True)
+
+
+def query_vectors(manifest: dict[str, Any], texts: list[str] | None = None, images: list[ImageInput] | None = None,
+                  device: str = "auto", encoder: Encoder | None = None) -> np.ndarray:
+    """Texts or images -> float32 [n, dim] queries, L2-normalised, in the store's space."""
+    if bool(texts) == bool(images):
+        raise ValueError("give a text query or an image query (one of them)")
+    if texts is not None and not all(t and t.strip() for t in texts):
+        raise ValueError("the text query is empty")
+    encoder = encoder or store_encoder(manifest, device, text=bool(texts))
+    out = encoder.encode_text(texts, normalize=True) if texts else encoder.encode(
+        encoder.preprocess([as_image(i) for i in images]), normalize=True).embedding
+    return out.float().cpu().numpy()
+

@@ -15,6 +15,7 @@ from pixelray.generators import resolve_generator
 from pixelray.images import MAX_REQUEST_BYTES, UPLOAD_LIMITS, ImageLimits
 from pixelray.serve_apps.fetch import AllowedHost, normal_host, parse_allow_list
 from pixelray.storage import split_uri
+from pixelray.vector_index import store_encoder_spec
 
 
 class Strict(BaseModel):
@@ -226,7 +227,7 @@ class AppArgs(Strict):
             _ = e.spec  # a bad name fails here, not in a replica
         by_store = {}
         for store in self.search:
-            wanted, spec = _store_encoder(store)
+            wanted, spec = store_encoder_spec(store.manifest)
             same = [e for e in encoders if _loads(e.spec) == _loads(spec)]
             if not same:
                 name = PurePosixPath(wanted).name if "/" in wanted else wanted
@@ -237,18 +238,6 @@ class AppArgs(Strict):
                 encoders += same
             by_store[store.name] = same[0].name
         return encoders, by_store
-
-
-def _store_encoder(store: SearchArgs) -> tuple[str, EncoderSpec]:
-    """The encoder that embedded a store: by its registry name where it has one, else by the source the store
-    records (as pixelray.vectors.store_encoder finds it)."""
-    manifest = store.manifest
-    try:
-        return manifest["encoder"], resolve_encoder(manifest["encoder"])
-    except ValueError:
-        if not manifest.get("encoder_source"):
-            raise
-        return manifest["encoder_source"], resolve_encoder(manifest["encoder_source"])
 
 
 def _loads(spec: EncoderSpec) -> tuple:

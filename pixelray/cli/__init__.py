@@ -249,7 +249,7 @@ def _run_index(args: argparse.Namespace) -> int:
 
 
 def _run_search(args: argparse.Namespace) -> int:
-    from pixelray.vectors import open_index, query_vectors
+    from pixelray.vector_index import open_index, query_vectors
 
     index = open_index(args.store)
     queries = query_vectors(index.manifest, texts=[args.text] if args.text else None,

@@ -53,7 +53,7 @@ def main(mlx_model: str, torch_model: str, work: Path) -> dict:
 
 
 def run(cluster: Cluster, mlx_model: str, torch_model: str, work: Path) -> dict:
-    report: dict = {}
+    report: dict = {"images": len(list(IMAGES.glob("*.png")))}
     try:
         run_caption(CaptionConfig(input=str(IMAGES), out=str(work / "none"), model=f"mlx:{mlx_model}"))
     except PixelrayError as e:  # before any MLX node joined: an error, at once

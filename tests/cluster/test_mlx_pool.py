@@ -27,7 +27,7 @@ def test_mlx_node_pool_scheduling(tiny_mlx, tiny_llava, tmp_path):
     report = json.loads(result.stdout.strip().splitlines()[-1])
     assert report["mlx_actor_nodes"] == [report["mlx_node"]]
     assert report["torch_actor_nodes"] and report["mlx_node"] not in report["torch_actor_nodes"]
-    assert report["mlx_rows"] == report["torch_rows"] == 8 and report["errors"] == 0
+    assert report["mlx_rows"] == report["torch_rows"] == report["images"] and report["errors"] == 0
     assert report["replica_nodes"] == [report["mlx_node"]] and isinstance(report["served_caption"], str)
     assert "no MLX node" in report["no_pool_error"]
     # the model switched on the running app (Serve redeploy): the bundled model now answers, off the MLX node

@@ -14,8 +14,9 @@ from PIL import Image
 
 from pixelray import shapes
 from pixelray.pipelines import dedup
-from pixelray.pipelines.dedup import find_duplicates, read_filter
+from pixelray.pipelines.dedup import find_duplicates
 from pixelray.pipelines.embed import EmbedConfig, run_embed
+from pixelray.storage import excluded_ids
 from pixelray.testing.stores import write_features
 
 
@@ -48,7 +49,7 @@ def test_planted_duplicates_found(ray_address, tmp_path):
     assert _groups(table) == [[f"scene{i}.png", f"scene{i}_copy.jpg", f"scene{i}_small.png"] for i in range(3)]
     assert sorted(Path(r["path"]).name for r in table if r["keep"]) == ["scene0.png", "scene1.png", "scene2.png"]
     assert (summary.images, summary.groups, summary.dropped, summary.method) == (14, 3, 6, "exact")
-    assert read_filter(str(out)) == {r["image_id"] for r in table if not r["keep"]}
+    assert excluded_ids(str(out)) == {r["image_id"] for r in table if not r["keep"]}
 
 
 def test_index_path_agrees_with_exact(tmp_path, monkeypatch):
@@ -63,5 +64,5 @@ def test_index_path_agrees_with_exact(tmp_path, monkeypatch):
     assert through_index.method.startswith("index Flat") and exact.method == "exact"
     assert (exact.groups, exact.dropped) == (through_index.groups, through_index.dropped) == (2, 5)
     assert pq.read_table(tmp_path / "exact.parquet").equals(pq.read_table(tmp_path / "dedup.parquet"))
-    with pytest.raises(ValueError, match="not a dedup table"):
-        read_filter(str(tmp_path / "features/part-00000.parquet"))
+    with pytest.raises(ValueError, match="does not exist"):
+        excluded_ids(str(tmp_path / "features"))  # a folder without a dedup table
