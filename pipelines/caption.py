@@ -5,12 +5,15 @@ Run as:
                      [--max-tokens N] [--batch-size N] [--resume]
 
 Same reading, validation, error table and resume rules as `pixelray embed` (embed.py):
-CPU tasks read and decode, generator actors (one per GPU, or fractional-CPU actors) generate in
+CPU tasks read and decode, generator actors (one per GPU, or fractional-CPU actors; for a model
+behind servers, `remote:`, a few light actors with many requests in flight each) generate in
 batches, and DIR/captions/*.parquet gets one row per image (per image and question with
 --questions), DIR/errors/*.parquet one per bad item.
 """
 
 from __future__ import annotations
+
+import os
 
 import numpy as np
 import pyarrow as pa
@@ -21,6 +24,8 @@ from PIL import Image
 from pixelray.generators import (GenerationConfig, GeneratorSpec, check_loadable, create_generator,
                                  resolve_generator, user_turn, with_setting)
 from pixelray.errors import TRANSIENT, PixelrayError
+from pixelray.generators.remote import RemoteOptions
+from pixelray.hybrid.client import API_KEY_ENV
 from pixelray.images import ImageFit, ImageLimits
 from pixelray.pipelines.config import CaptionConfig
 from pixelray.pipelines.decode import decode_rows, error_columns
@@ -76,7 +81,7 @@ class CaptionActor:
             **({"item_id": pa.array(batch["item_id"], pa.string())} if vqa else {}),
             "image_id": pa.array(batch["image_id"], pa.string()),
             "path": pa.array(batch["path"], pa.string()),
-            "model": pa.array([self.spec.name] * n, pa.string()),
+            "model": pa.array([self.spec.identity] * n, pa.string()),
             ("question" if vqa else "prompt"): pa.array(batch["prompt"], pa.string()),
             ("answer" if vqa else "caption"): pa.array(texts, pa.string()),
             "num_tokens": pa.array(tokens, pa.int32()),
@@ -92,6 +97,15 @@ class CaptionActor:
         return pa.table(columns)
 
 
+def server_key_env(spec: GeneratorSpec) -> dict:
+    """For a model behind servers (hybrid, remote), the driver's PIXELRAY_LLM_API_KEY for its actors, which may
+    run on other nodes (a runtime_env option of the actors; empty when the key is not set)."""
+    key = os.environ.get(API_KEY_ENV)
+    if spec.backend not in ("hybrid", "remote") or not key:
+        return {}
+    return {"runtime_env": {"env_vars": {API_KEY_ENV: key}}}
+
+
 def run_caption(cfg: CaptionConfig) -> JobSummary:
     spec = resolve_generator(cfg.model)
     if cfg.tensor_parallel_size > 1:
@@ -101,6 +115,8 @@ def run_caption(cfg: CaptionConfig) -> JobSummary:
         spec = spec.model_copy(update={"source": with_setting(spec.source, "tensor_parallel_size",
                                                               cfg.tensor_parallel_size)})
     check_loadable(spec)  # a missing model fails before any image is read
+    remote = spec.backend == "remote"
+    max_side = min(cfg.max_side, RemoteOptions.from_source(spec.source).max_side) if remote else cfg.max_side
     exclude = excluded_ids(cfg.exclude) if cfg.exclude else frozenset()
     if cfg.questions:
         source = resolve_questions(cfg.questions)
@@ -118,13 +134,13 @@ def run_caption(cfg: CaptionConfig) -> JobSummary:
         rows_per_block = 4 * batch_size
         plan = start(source, cfg.out, address=cfg.address, num_actors=cfg.num_generators, device=cfg.device,
                      rows_per_block=rows_per_block, mlx=spec.backend == "mlx",
-                     gpus_per_actor=cfg.tensor_parallel_size, whole_node=spec.backend == "vllm")
+                     gpus_per_actor=cfg.tensor_parallel_size, whole_node=spec.backend == "vllm", network=remote)
 
         def pipeline(run: Pass) -> ray.data.Dataset:
             ds = read_images(source, run.done, rows_per_block=run.size(rows_per_block), max_bytes=cfg.max_image_bytes,
                              task_args=run.task_args())
             ds = ds.map_batches(decode_for_generation, batch_size=run.size(batch_size), batch_format="numpy",
-                                fn_kwargs={"limits": cfg.limits, "max_side": cfg.max_side, "prompt": cfg.prompt},
+                                fn_kwargs={"limits": cfg.limits, "max_side": max_side, "prompt": cfg.prompt},
                                 num_cpus=cfg.decode_cpus, **run.task_args())
             return ds.map_batches(
                 CaptionActor, batch_size=run.size(batch_size), batch_format="numpy",
@@ -132,7 +148,8 @@ def run_caption(cfg: CaptionConfig) -> JobSummary:
                                        "quantization": cfg.quantization,
                                        "generation_json": cfg.generation.model_dump_json(),
                                        "torch_threads": plan.torch_threads},
-                **run.actor_args(plan.size), **plan.remote_args(),
+                **run.actor_args(plan.size, concurrent_calls=2 if remote else 1), **plan.remote_args(),
+                **server_key_env(spec),
             )
 
         return write(pipeline, source, store, done, rows_per_file=cfg.rows_per_file,

@@ -104,14 +104,17 @@ class CaptionConfig(BatchConfig):
                                                 "the images")
     model: str = Field("shapes-demo", description="registry name (`pixelray models`), hf:ID, hub id or folder, or "
                                                   "hybrid:ENCODER?url=URL&model=NAME (an encoder + an "
-                                                  "OpenAI-compatible LLM server such as LM Studio)")
+                                                  "OpenAI-compatible LLM server such as LM Studio), or "
+                                                  "remote:MODEL?url=URL[&url=URL...] (OpenAI-compatible vision "
+                                                  "servers, sent the images)")
     prompt: str = Field(DEFAULT_PROMPT, description="the instruction for every image")
     question: str | None = Field(None, description="one question asked of every image (VQA)")
     questions: str | None = Field(None, description="JSON lines or Parquet file of {image, question} rows (VQA, "
                                                     "one answer per row)")
     batch_size: int | None = Field(None, ge=1, description=f"images per model call (default: {BATCH_SIZE}; "
                                                            f"{ENGINE_BATCH_SIZE} for the vllm engine, whose scheduler "
-                                                           "keeps its running batch full from them)")
+                                                           "keeps its running batch full from them; a remote model's "
+                                                           "max_in_flight)")
     generation: GenerationConfig = GenerationConfig()
     quantization: QuantizationName | None = Field(None, description="bitsandbytes (CUDA only)")
     num_generators: int | None = Field(None, ge=1, description=f"generator actors; {POOL_SIZE}")
@@ -130,11 +133,18 @@ class CaptionConfig(BatchConfig):
         return self
 
     def model_batch_size(self, spec: GeneratorSpec) -> int:
-        return self.batch_size or (ENGINE_BATCH_SIZE if spec.backend == "vllm" else BATCH_SIZE)
+        if self.batch_size:
+            return self.batch_size
+        if spec.backend == "remote":  # a request per image: a batch is what one actor has in flight at once
+            from pixelray.generators.remote import RemoteOptions
+
+            return RemoteOptions.from_source(spec.source).max_in_flight
+        return ENGINE_BATCH_SIZE if spec.backend == "vllm" else BATCH_SIZE
 
     def manifest(self, spec: GeneratorSpec) -> dict:
         """What must not change between a run and its resume."""
-        return {"job": "caption", "model": spec.name, "model_source": spec.source,
+        return {"job": "caption", "model": spec.identity,
+                "model_source": spec.identity if spec.backend == "remote" else spec.source,
                 "prompt": None if self.questions or self.question else self.prompt, "question": self.question,
                 "vqa": bool(self.questions), "generation": self.generation.model_dump(),
                 "quantization": self.quantization}

@@ -71,7 +71,8 @@ def open_store(out: str, table: str, manifest: dict[str, Any], *, resume: bool, 
 
 
 def start(source: Source, out: str, *, address: str | None, num_actors: int | None, device: str,
-          rows_per_block: int, mlx: bool = False, gpus_per_actor: int = 1, whole_node: bool = False) -> PoolPlan:
+          rows_per_block: int, mlx: bool = False, gpus_per_actor: int = 1, whole_node: bool = False,
+          network: bool = False) -> PoolPlan:
     """Join or start Ray, then size the model actor pool for this input (see pixelray.runtime.plan_pool)."""
     if source.skipped_files:
         logger.warning("note: ignored %d non-image files", source.skipped_files)
@@ -82,7 +83,7 @@ def start(source: Source, out: str, *, address: str | None, num_actors: int | No
                        "such as s3://bucket/path", nodes, out)
     blocks = len(source) if source.kind != "files" else -(-len(source) // rows_per_block)
     return plan_pool(num_actors, device, resources, nodes, max_useful=blocks, mlx=mlx, gpus_per_actor=gpus_per_actor,
-                     whole_node=whole_node)
+                     whole_node=whole_node, network=network)
 
 
 @dataclass(frozen=True)
@@ -103,11 +104,14 @@ class Pass:
         """map_batches options of a task stage: a task whose worker died is run again this many times."""
         return {"max_retries": self.max_task_retries}
 
-    def actor_args(self, size: int) -> dict[str, Any]:
+    def actor_args(self, size: int, concurrent_calls: int = 1) -> dict[str, Any]:
         """map_batches options of the model stage: a dead actor is always restarted (it holds no state
-        worth losing the job for), the block it was working on is tried `max_task_retries` more times."""
+        worth losing the job for), the block it was working on is tried `max_task_retries` more times.
+        `concurrent_calls` > 1: each actor works on that many batches at once, in threads (a model behind
+        servers: the next batch's requests start while the last of the previous one finish)."""
+        threads = {"max_concurrent_calls_per_actor": concurrent_calls, "enable_true_multi_threading": True}
         return {"compute": ray.data.ActorPoolStrategy(size=size, max_tasks_in_flight_per_actor=1 if self.alone
-                                                      else None),
+                                                      else None, **(threads if concurrent_calls > 1 else {})),
                 "max_restarts": -1, "max_task_retries": self.max_task_retries}
 
 

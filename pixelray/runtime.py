@@ -65,6 +65,9 @@ def mlx_units(resources: dict[str, float], what: str) -> float:
     return units
 
 
+NETWORK_ACTORS = 2  # actors of a model behind servers, by default (plan_pool)
+
+
 @dataclass(frozen=True)
 class PoolPlan:
     """How many model actors run, and what each one asks the scheduler for."""
@@ -84,7 +87,7 @@ class PoolPlan:
 
 def plan_pool(num_actors: int | None, device: str, resources: dict[str, float], nodes: int = 1,
               max_useful: int | None = None, cpus_per_actor: float = 0.5, mlx: bool = False,
-              gpus_per_actor: int = 1, whole_node: bool = False) -> PoolPlan:
+              gpus_per_actor: int = 1, whole_node: bool = False, network: bool = False) -> PoolPlan:
     """GPUs present (and not forced to cpu): one actor per GPU (per `gpus_per_actor` GPUs, for a model
     split over several by tensor parallelism, which then needs that many). Never more actors than
     `max_useful` (the number of input blocks), since an idle actor still loads a model.
@@ -97,10 +100,17 @@ def plan_pool(num_actors: int | None, device: str, resources: dict[str, float], 
     process's intra-op threads on small machines); above that, 4 threads per actor. A model that
     spreads its work over all of a node's cores itself (`whole_node`: vLLM's engine) gets one
     actor per node.
+
+    `network` (a model behind servers: the remote backend): the actors only send requests and wait, so they
+    ask for no GPU and a quarter of a core, on any node; NETWORK_ACTORS of them (each with many requests in
+    flight), so that one that dies does not stall the job.
     """
     def capped(size: int) -> int:
         return max(1, min(size, max_useful)) if max_useful else size
 
+    if network:
+        return PoolPlan(size=capped(num_actors or NETWORK_ACTORS), num_gpus=0.0, num_cpus=0.25, torch_threads=1,
+                        label_selector={})
     if mlx:
         units = mlx_units(resources, "an MLX model")
         size = capped(num_actors or max(1, int(units)))

@@ -11,7 +11,8 @@ batch as soon as the previous one starts, so a batch handler that yields while t
 request. Blocking, the requests that arrive during a batch wait in the queue and the next batch
 takes them all: 15 of 16 at once and 4x the requests/s in `benchmarks/serve_load.py`, against
 2.1x with a thread. The cost: a streamed reply on the same replica pauses while a batch runs.
-A hybrid model, whose batch mostly waits on its LLM server, runs in a thread instead.
+A model behind a server (hybrid, remote), whose batch mostly waits on the network, runs in a thread
+instead, and streams its server's chunks through as they arrive.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ from PIL import Image
 from ray import serve
 
 from pixelray.generators import GenerationConfig, GenerationResult, ImageFit, Message, create_generator
-from pixelray.generators.streaming import stream_reply
 
 Item = tuple[list[Message], list[Image.Image], GenerationConfig]
 
@@ -35,6 +35,7 @@ class VLMModel:
                  batch_wait_timeout_s: float = 0.01):
         self.generator = create_generator(model, device=device, dtype=dtype)
         self.cancelled = self.last_cancelled_tokens = 0
+        self.batches = self.batched = 0  # generate calls, and the requests they held (how full batches run)
         self.generate_batch.set_max_batch_size(max_batch_size)
         self.generate_batch.set_batch_wait_timeout_s(batch_wait_timeout_s)
 
@@ -53,6 +54,7 @@ class VLMModel:
         results: list[GenerationResult | Exception] = [None] * len(items)  # type: ignore[list-item]
         for indices in groups.values():
             batch = [items[i] for i in indices]
+            self.batches, self.batched = self.batches + 1, self.batched + len(batch)
             args = ([c for c, _, _ in batch], [ims for _, ims, _ in batch], batch[0][2])
             if self.generator.waits_on_network:  # a hybrid: the loop stays free while its LLM server works
                 outcomes = await asyncio.to_thread(self.generator.chat_items, *args)
@@ -65,7 +67,7 @@ class VLMModel:
     async def stream(self, conversation: list[Message], images: list[Image.Image],
                      config: GenerationConfig) -> AsyncIterator[str | GenerationResult]:
         cancel = threading.Event()
-        pieces = stream_reply(self.generator, conversation, images, config, cancel, self._cancelled)
+        pieces = self.generator.stream(conversation, images, config, cancel, self._cancelled)
         try:
             while (piece := await asyncio.to_thread(next, pieces, None)) is not None:
                 yield piece
@@ -80,6 +82,8 @@ class VLMModel:
         self.cancelled, self.last_cancelled_tokens = self.cancelled + 1, tokens
 
     def stats(self) -> dict[str, int]:
-        """Streams stopped because their client went away, and the tokens the last one had generated."""
-        return {"cancelled": self.cancelled, "last_cancelled_tokens": self.last_cancelled_tokens}
+        """Streams stopped because their client went away, and the tokens the last one had generated; the
+        batches generated and the requests in them (their mean over max_batch_size: how full batches run)."""
+        return {"cancelled": self.cancelled, "last_cancelled_tokens": self.last_cancelled_tokens,
+                "batches": self.batches, "batched_requests": self.batched}
 

@@ -220,11 +220,15 @@ class ChatCompletionChunk(BaseModel):
         return f"data: {self.model_dump_json()}\n\n"
 
 
+ModelType = Literal["vlm", "llm", "embeddings"]  # LM Studio's words for what a model takes and gives
+
+
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"
     created: int
     owned_by: str = "pixelray"
+    type: ModelType  # vlm: takes images; llm: text only; embeddings: an encoder (`pixelray models --url` reads it)
 
 
 class ModelList(BaseModel):
@@ -232,9 +236,9 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
     @classmethod
-    def of(cls, names: list[str]) -> ModelList:
+    def of(cls, types: dict[str, ModelType]) -> ModelList:
         created = int(time.time())
-        return cls(data=[ModelCard(id=n, created=created) for n in names])
+        return cls(data=[ModelCard(id=n, created=created, type=t) for n, t in types.items()])
 
 
 # --- embeddings (OpenAI's shapes) and search -----------------------------------------------------------

@@ -29,7 +29,8 @@ router = APIRouter(prefix="/v1")
 @router.get("/models")
 async def list_models(request: Request, server: Server = Depends(current)) -> ModelList:
     server.admission.admit(request)
-    return ModelList.of([*server.models, *server.encoders])  # the embedding models too, as OpenAI lists them
+    # the embedding models too, as OpenAI lists them
+    return ModelList.of({**server.model_types, **{name: "embeddings" for name in server.encoders}})
 
 
 @router.post("/chat/completions", response_model=None)

@@ -32,6 +32,7 @@ class Server:
         self.encoders, self.stores, self.store_encoders = encoders or {}, stores or {}, store_encoders or {}
         self.default_model = next(iter(models), None)
         self.max_new_tokens = {m.name: m.max_new_tokens for m in args.models}
+        self.model_types = {m.name: "llm" if m.backend == "text" else "vlm" for m in args.models}  # for /v1/models
         self.limits = args.image_limits
         self.admission = Admission(args.api_key, args.max_request_bytes, args.max_image_bytes, args.body_timeout_s)
         self.conversations = ConversationStore(args.chat_max_conversations, args.chat_max_turns, args.chat_ttl_s,

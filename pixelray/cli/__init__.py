@@ -11,7 +11,7 @@ Run as:
     pixelray eval PREDICTIONS --references FILE   |   pixelray eval --shapes N --model NAME --out DIR
     pixelray shapes --out DIR --num N [--seed S]
     pixelray serve [--config FILE] [--address ADDR] [key=value ...]
-    pixelray models
+    pixelray models [--url URL [--no-probe]]
     pixelray submit {embed|caption|train|eval|index|dedup} ARGS... --address http://HEAD:8265 [--no-wait]
     pixelray jobs {list | logs JOB [--follow] | stop JOB} --address http://HEAD:8265
 
@@ -94,7 +94,12 @@ def _jobs_parsers(sub) -> None:
     p.add_argument("--app", default="pixelray.serve_apps.vlm:build_app", help="the app builder (without --config)")
     p.add_argument("arguments", nargs="*", help="key=value app arguments, e.g. models=shapes-demo api_key=SECRET")
 
-    sub.add_parser("models", help="list the models the registry knows, and which are available offline")
+    p = sub.add_parser("models", help="list the models the registry knows, and which are available offline; "
+                                      "with --url, those an OpenAI-compatible server offers")
+    p.add_argument("--url", help="an OpenAI-compatible server (http://HOST:PORT/v1): its models, and whether each "
+                                 "takes images (key: PIXELRAY_LLM_API_KEY)")
+    p.add_argument("--no-probe", action="store_true", help="with --url: do not ask a model whose listing does not "
+                                                           "say whether it takes images")
 
 
 def _store_parsers(sub) -> None:
@@ -277,11 +282,23 @@ def _run_models(args: argparse.Namespace) -> int:
     from pixelray.encoders import list_encoders
     from pixelray.generators import list_generators
 
+    if args.url:
+        from pixelray.generators.remote import discover
+
+        found = discover(args.url, probe=not args.no_probe)
+        print(f"models at {args.url} (pixelray caption --model remote:ID?url={args.url}):")
+        for m in found:
+            takes = {True: "images", False: "text only", None: "unknown"}[m.images]
+            print(f"  {m.id:30s} {takes:10s} ({m.how})")
+        if not found:
+            print("  (none listed)")
+        return 0
+
     print("encoders (pixelray embed --encoder NAME; also a local directory or a hub id):")
     for name, desc in list_encoders().items():
         print(f"  {name:22s} {desc}")
-    print("\ngenerators (also hf:HUB_ID, text:HUB_ID, hybrid:ENCODER?url=URL&model=NAME, a hub id or a local "
-          "directory); [offline] = in the local cache, [server] = needs its LLM server:")
+    print("\ngenerators (also hf:HUB_ID, text:HUB_ID, hybrid:ENCODER?url=URL&model=NAME, remote:MODEL?url=URL, a hub "
+          "id or a local directory); [offline] = in the local cache, [server] = needs its server:")
     for name, (desc, source, where) in list_generators().items():
         print(f"  {name:22s} {f'[{where}]':10s} {source:40s} {desc}")
     return 0

@@ -4,6 +4,8 @@
     gen = create_generator("hybrid:clip?url=http://localhost:1234/v1")   # encoder + LM Studio (pixelray.hybrid)
     gen = create_generator("mlx:mlx-community/Qwen2-VL-2B-Instruct-4bit")  # mlx-vlm, on the MLX node pool
     gen = create_generator("vllm:Qwen/Qwen2-VL-2B-Instruct?max_images=2")   # vLLM's engine (pixelray.generators.vllm)
+    gen = create_generator("remote:qwen2-vl?url=http://gpu1:8000/v1&url=http://gpu2:8000/v1")  # OpenAI-compatible
+                                                  # servers, sent the images (pixelray.generators.remote)
     gen.caption(image), gen.answer(image, question), gen.chat(message, image=image, history=history)
     gen.generate(images, "Describe the image.", GenerationConfig(max_new_tokens=32))   # full results
     gen.chat_batch(conversations, images_per_conversation)                          # what backends implement
@@ -64,21 +66,35 @@ class GeneratorSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     name: str
-    backend: Literal["hf", "pixelray", "text", "hybrid", "mlx", "vllm"]
+    backend: Literal["hf", "pixelray", "text", "hybrid", "mlx", "vllm", "remote"]
     source: str
     description: str = ""
+
+    @property
+    def identity(self) -> str:
+        """What generates, as a store records it (a resumed job must use the same): the name; for a remote
+        model, without what only says where and how patiently it is asked (its servers, timeouts), so that
+        a job resumes on another fleet."""
+        if self.backend != "remote":
+            return self.name
+        from pixelray.generators.remote import OPERATIONAL
+
+        model, _, query = self.source.partition("?")
+        kept = [(k, v) for k, v in parse_qsl(query, keep_blank_values=True) if k not in OPERATIONAL]
+        return f"remote:{model}" + (f"?{urlencode(kept)}" if kept else "")
 
 
 def resolve_generator(name: str) -> GeneratorSpec:
     """A registry name, `hf:ID_OR_DIR`, `pixelray:DIR`, `text:ID_OR_DIR` (a text-only LLM), `mlx:ID_OR_DIR`,
     `vllm:ID_OR_DIR[?key=value&...]` (see pixelray.generators.vllm.VLLMOptions),
+    `remote:[MODEL]?url=URL[&url=URL...]&...` (see pixelray.generators.remote.RemoteOptions),
     `hybrid[:ENCODER][?key=value&...]` (see pixelray.hybrid.HybridConfig.from_source), a local model
     directory (pixelray, text or hf by its config's model_type) or a hub id -> spec (nothing loaded)."""
     if name in REGISTRY:
         return GeneratorSpec(name=name, **REGISTRY[name])
     if name.startswith(("hybrid:", "hybrid?")):
         return GeneratorSpec(name=name, backend="hybrid", source=name[len("hybrid"):].removeprefix(":"))
-    if name.startswith(("hf:", "pixelray:", "text:", "mlx:", "vllm:")):
+    if name.startswith(("hf:", "pixelray:", "text:", "mlx:", "vllm:", "remote:")):
         backend, source = name.split(":", 1)
         return GeneratorSpec(name=name, backend=backend, source=source)
     path = Path(name).expanduser()
@@ -90,7 +106,8 @@ def resolve_generator(name: str) -> GeneratorSpec:
     if name.count("/") == 1 and not name.startswith(("/", ".")):
         return GeneratorSpec(name=name, backend="hf", source=name)
     raise ValueError(f"unknown model {name!r}: use one of {', '.join(REGISTRY)}, hf:HUB_ID, text:HUB_ID, "
-                     "mlx:HUB_ID, vllm:HUB_ID, hybrid:ENCODER?url=URL, a hub id (org/name) or a local model directory")
+                     "mlx:HUB_ID, vllm:HUB_ID, remote:MODEL?url=URL, hybrid:ENCODER?url=URL, a hub id (org/name) or a "
+                     "local model directory")
 
 
 def with_setting(source: str, key: str, value) -> str:
@@ -119,6 +136,10 @@ def create_generator(name: str | GeneratorSpec, device: str = "auto", dtype: str
                          + (" (MLX models come quantized: pick a 4-bit one)" if spec.backend == "mlx" else "")
                          + (" (vLLM loads quantized checkpoints, AWQ or GPTQ, as they are)" if spec.backend == "vllm"
                             else ""))
+    if spec.backend == "remote":
+        from pixelray.generators.remote import RemoteGenerator
+
+        return RemoteGenerator(spec.source, name=spec.name)
     if spec.backend == "vllm":
         from pixelray.generators.vllm import VLLMGenerator
 
@@ -149,6 +170,8 @@ def check_loadable(spec: GeneratorSpec) -> None:
     For a hybrid: its settings and template, and a warning when its LLM server does not answer."""
     if spec.backend == "hybrid":
         return _check_hybrid(spec)
+    if spec.backend == "remote":
+        return _check_remote(spec)
     if spec.backend == "mlx":  # loaded (and downloaded) on the MLX nodes; a local folder must be a model
         folder = Path(spec.source.partition("?")[0]).expanduser()
         if folder.is_dir() and not (folder / "config.json").is_file():
@@ -186,6 +209,21 @@ def _check_hybrid(spec: GeneratorSpec) -> None:
             config.llm.base_url)
 
 
+def _check_remote(spec: GeneratorSpec) -> None:
+    """Its settings; a warning for each server that does not answer now (one quick try each)."""
+    import logging
+
+    from pixelray.generators.remote import RemoteOptions
+    from pixelray.hybrid import check_lm_studio_available
+
+    options = RemoteOptions.from_source(spec.source)
+    for url in options.urls:
+        if not check_lm_studio_available(options.client_config(url)):
+            logging.getLogger(__name__).warning(
+                "the server at %s does not answer now: its requests go to the others, or are recorded as errors "
+                "(`--resume` tries them again)", url)
+
+
 def available_offline(source: str) -> bool:
     """Whether `from_pretrained(source)` can work without network: a folder, or in the HF cache."""
     if Path(source).expanduser().is_dir():
@@ -199,5 +237,7 @@ def list_generators() -> dict[str, tuple[str, str, str]]:
     """Registry name -> (description, source, where its weights are: offline, download, or server
     for a hybrid, whose encoder is loaded here and whose LLM answers from its own server)."""
     def where(e: dict[str, str]) -> str:
-        return "server" if e["backend"] == "hybrid" else "offline" if available_offline(e["source"]) else "download"
+        if e["backend"] in ("hybrid", "remote"):
+            return "server"
+        return "offline" if available_offline(e["source"]) else "download"
     return {name: (e["description"], e["source"], where(e)) for name, e in REGISTRY.items()}

@@ -19,6 +19,7 @@ images passed alongside in the order their `{"type": "image"}` parts appear, and
     ]
     model.chat_batch([conversation], [[image]], GenerationConfig(max_new_tokens=32))   # [GenerationResult]
     model.chat_items(...)                                  # the same, each item's failure its own entry
+    model.stream(conversation, [image], config)            # text pieces as they come, then the GenerationResult
     model.generate(images, prompts, config)                # one single-turn conversation per image
 
 A backend implements `chat_batch`; everything else is built on it here.
@@ -226,6 +227,14 @@ class Generator(ABC):
                 return [e]
         return [self.chat_items([c], [ims], config)[0] for c, ims in zip(conversations, images)]
 
+    def stream(self, conversation: list[Message], images: list[Image.Image],
+               config: GenerationConfig = GenerationConfig(), cancel=None, on_cancelled=None):
+        """One reply, streamed: text pieces as they come, then the GenerationResult (see
+        pixelray.generators.streaming: `cancel`, a threading.Event, stops it at its next token)."""
+        from pixelray.generators.streaming import stream_reply
+
+        return stream_reply(self, conversation, images, config, cancel, on_cancelled)
+
     def generate(self, images: list[Image.Image], prompts: list[str] | str,
                  config: GenerationConfig = GenerationConfig()) -> list[GenerationResult]:
         """One image and one prompt (or the same prompt for all) per item, generated as one batch."""
@@ -261,3 +270,24 @@ class Generator(ABC):
         if history is not None:
             history += [user, {"role": "assistant", "content": [{"type": "text", "text": reply}]}]
         return reply
+
+
+class ServerGenerator(Generator):
+    """A model behind a server (the hybrid, the remote backend): every conversation is a request of its own,
+    so a backend implements `chat_items`, and a failed request fails only its item; `chat_batch` raises the
+    first failure."""
+
+    tokenizer = None  # the server decodes
+    waits_on_network = True
+
+    @abstractmethod
+    def chat_items(self, conversations: list[list[Message]], images: list[list[Image.Image]],
+                   config: GenerationConfig = GenerationConfig()) -> list[GenerationResult | Exception]:
+        """One reply or failure per conversation."""
+
+    def chat_batch(self, conversations: list[list[Message]], images: list[list[Image.Image]],
+                   config: GenerationConfig = GenerationConfig(), streamer=None) -> list[GenerationResult]:
+        outcomes = self.chat_items(conversations, images, config)
+        if failed := next((o for o in outcomes if isinstance(o, Exception)), None):
+            raise failed
+        return outcomes  # type: ignore[return-value]

@@ -9,18 +9,19 @@ batch's images go through the encoder together; the LLM requests run concurrentl
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from PIL import Image
 
-from pixelray.generators.base import GenerationConfig, GenerationResult, Generator, Message, count_images
+from pixelray.generators.base import GenerationConfig, GenerationResult, Message, ServerGenerator, count_images
+from pixelray.generators.streaming import completion_result, stream_completion
 from pixelray.hybrid import Completion, HybridConfig, HybridPixelLLM, LLMServerError, PromptTemplate
 from pixelray.hybrid.summary import FeatureSummary
 
 
-class HybridGenerator(Generator):
-    tokenizer = None  # the LLM server decodes; a streamed reply comes whole
-    waits_on_network = True
+class HybridGenerator(ServerGenerator):
 
     def __init__(self, source: str, device: str = "auto", name: str | None = None):
         config = HybridConfig.from_source(source)
@@ -28,13 +29,6 @@ class HybridGenerator(Generator):
             config = config.model_copy(update={"device": device})
         self.hybrid = HybridPixelLLM(config)
         self.name = name or f"hybrid:{source}"
-
-    def chat_batch(self, conversations: list[list[Message]], images: list[list[Image.Image]],
-                   config: GenerationConfig = GenerationConfig(), streamer=None) -> list[GenerationResult]:
-        outcomes = self.chat_items(conversations, images, config)
-        if failed := next((o for o in outcomes if isinstance(o, Exception)), None):
-            raise failed
-        return outcomes  # type: ignore[return-value]
 
     def chat_items(self, conversations: list[list[Message]], images: list[list[Image.Image]],
                    config: GenerationConfig = GenerationConfig()) -> list[GenerationResult | Exception]:
@@ -55,12 +49,21 @@ class HybridGenerator(Generator):
         return [r if isinstance(r, Exception) else _result(next(completions)) for r in requests]
 
 
+    def stream(self, conversation: list[Message], images: list[Image.Image],
+               config: GenerationConfig = GenerationConfig(), cancel: threading.Event | None = None,
+               on_cancelled: Callable[[int], None] | None = None) -> Iterator[str | GenerationResult]:
+        """The LLM server's streamed reply, passed on as its chunks arrive (the encoder runs at the first
+        `next`, in the reader's thread)."""
+        messages = to_llm_messages(conversation, self.hybrid.summarize(images) if images else [],
+                                   self.hybrid.template)
+        deltas = self.hybrid.client.stream(messages, max_tokens=config.max_new_tokens, temperature=config.temperature,
+                                           top_p=config.top_p if config.top_p < 1 else None, seed=config.seed,
+                                           stop=config.stop or None)
+        yield from stream_completion(deltas, cancel, on_cancelled)
+
+
 def _result(completion: Completion | LLMServerError) -> GenerationResult | LLMServerError:
-    if isinstance(completion, LLMServerError):
-        return completion
-    return GenerationResult(text=completion.text, num_tokens=completion.completion_tokens,
-                            prompt_tokens=completion.prompt_tokens,
-                            finish_reason="length" if completion.finish_reason == "length" else "stop")
+    return completion if isinstance(completion, LLMServerError) else completion_result(completion)
 
 
 def to_llm_messages(conversation: list[Message], summaries: list[FeatureSummary],

@@ -11,6 +11,9 @@ back until it is clear, so a stop string is never sent and then taken back.
 
 A reader that goes away (a client that disconnects) sets `cancel`, or closes the iterator: the
 generation stops at its next token instead of running on to `max_new_tokens`.
+
+A model behind a server (the hybrid, the remote backend) streams its server's reply through
+`stream_completion` instead: the same pieces, as the server's chunks arrive.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from PIL import Image
 from transformers.generation.streamers import BaseStreamer
 
 from pixelray.generators.base import GenerationConfig, GenerationResult, Generator, Message, cut_at_stop, reply_text
+from pixelray.hybrid.client import Completion
 
 _END = object()
 
@@ -106,3 +110,40 @@ def stream_reply(generator: Generator, conversation: list[Message], images: list
     if result.text.startswith(sent) and len(result.text) > len(sent):
         yield result.text[len(sent):]
     yield result
+
+
+def completion_result(completion: Completion) -> GenerationResult:
+    """A server's chat completion as a GenerationResult."""
+    return GenerationResult(text=completion.text, num_tokens=completion.completion_tokens,
+                            prompt_tokens=completion.prompt_tokens,
+                            finish_reason="length" if completion.finish_reason == "length" else "stop")
+
+
+def stream_completion(deltas: Iterator[str | Completion], cancel: threading.Event | None = None,
+                      on_cancelled: Callable[[int], None] | None = None) -> Iterator[str | GenerationResult]:
+    """A server's streamed reply (LMStudioClient.stream: text deltas, then the Completion) -> text pieces as
+    they arrive, then the GenerationResult; the pieces add up to its text (leading and trailing whitespace
+    is held back, as `reply_text` drops it). Once `cancel` is set, the next delta closes the stream (the
+    connection: the server stops) and `on_cancelled` is called with the deltas received."""
+    text, sent, received = "", "", 0
+    try:
+        for delta in deltas:
+            if isinstance(delta, Completion):
+                result = completion_result(delta)
+                if result.text.startswith(sent) and len(result.text) > len(sent):
+                    yield result.text[len(sent):]
+                yield result
+                return
+            if cancel is not None and cancel.is_set():
+                if on_cancelled is not None:
+                    on_cancelled(received)
+                return
+            text, received = text + delta, received + 1
+            ready = reply_text(text)
+            if len(ready) > len(sent) and ready.startswith(sent):
+                yield ready[len(sent):]
+                sent = ready
+    finally:
+        close = getattr(deltas, "close", None)
+        if close is not None:
+            close()

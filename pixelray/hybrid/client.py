@@ -5,6 +5,7 @@
     client = LMStudioClient(config)
     client.models()                              # ["qwen2.5-7b-instruct", ...]
     client.complete([{"role": "user", "content": "Hello"}], max_tokens=32).text
+    for piece in client.stream(messages, max_tokens=32): ...   # text deltas as they come, then the Completion
 
 Requests go through the official `openai` SDK, with its retries: connection errors, timeouts and
 HTTP 408, 409, 429 and 5xx are tried again up to `max_retries` times, after an exponential backoff
@@ -32,6 +33,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pixelray.errors import PixelrayError, validation_message
 
 DEFAULT_BASE_URL = "http://localhost:1234/v1"  # LM Studio's local server
+API_KEY_ENV = "PIXELRAY_LLM_API_KEY"  # where the key of a server that wants one comes from
 MAX_BODY_BYTES = 8 * 1024 * 1024  # an answer past this is refused while it is read (a chat completion is KBs)
 
 
@@ -44,7 +46,7 @@ class LMStudioConfig(BaseModel):
 
     base_url: str = DEFAULT_BASE_URL
     model: str | None = None
-    api_key: str | None = Field(default_factory=lambda: os.environ.get("PIXELRAY_LLM_API_KEY") or None, repr=False,
+    api_key: str | None = Field(default_factory=lambda: os.environ.get(API_KEY_ENV) or None, repr=False,
                                 exclude=True)
     timeout: float = Field(60.0, gt=0)  # seconds for one attempt
     max_retries: int = Field(2, ge=0)
@@ -188,6 +190,12 @@ class LMStudioClient:
         except openai.APIStatusError as e:
             raise LLMServerError(f"the LLM server at {url} answered HTTP {e.status_code}: {e.response.text[:300]}",
                                  502, transient=e.status_code == 429 or e.status_code >= 500) from None
+        except openai.APIError as e:  # an error event in a stream
+            raise LLMServerError(f"the LLM server at {url} reported an error in its stream: {str(e)[:300]}",
+                                 502) from None
+        except httpx2.TransportError as e:  # the connection broke while a stream was read
+            raise LLMServerError(f"the LLM server at {url} broke off its answer: {str(e)[:300]}", 503,
+                                 transient=True) from None
         except BodyTooLargeError as e:
             raise LLMServerError(f"the LLM server at {url} answered too much: {e}", 502) from None
         except ValidationError as e:  # JSON, but not of the shape asked for
@@ -197,11 +205,15 @@ class LMStudioClient:
             raise LLMServerError(f"the LLM server at {url} answered with a body that is not JSON it can use: "
                                  f"{str(e)[:200]}", 502) from None
 
-    def models(self) -> list[str]:
-        """The ids GET /models lists."""
+    def listing(self) -> list[dict[str, Any]]:
+        """The entries GET /models lists (each with a string `id`), as the server wrote them."""
         with self._failures("/models"):
             answer = _ModelList.model_validate(self.openai.models.with_raw_response.list().http_response.json())
-        return [m["id"] for m in answer.data if isinstance(m.get("id"), str)]
+        return [m for m in answer.data if isinstance(m.get("id"), str)]
+
+    def models(self) -> list[str]:
+        """The ids GET /models lists."""
+        return [m["id"] for m in self.listing()]
 
     def model(self) -> str:
         """The configured model, or the first one the server lists (asked once)."""
@@ -213,16 +225,22 @@ class LMStudioClient:
             self._model = models[0]
         return self._model
 
+    def _settings(self, max_tokens: int | None, temperature: float | None, top_p: float | None, seed: int | None,
+                  stop: list[str] | None, model: str | None) -> dict[str, Any]:
+        """A request's fields besides the messages: the model, and OpenAI's generation settings."""
+        optional = {k: v for k, v in (("top_p", top_p), ("seed", seed), ("stop", stop or None)) if v is not None}
+        return dict(model=model or self.model(), max_tokens=max_tokens or self.config.max_tokens,
+                    temperature=self.config.temperature if temperature is None else temperature, **optional)
+
     def complete(self, messages: list[dict[str, Any]], max_tokens: int | None = None,
                  temperature: float | None = None, top_p: float | None = None, seed: int | None = None,
-                 stop: list[str] | None = None) -> Completion:
-        """One chat completion (POST /chat/completions, not streamed)."""
-        model = self.model()
-        optional = {k: v for k, v in (("top_p", top_p), ("seed", seed), ("stop", stop or None)) if v is not None}
+                 stop: list[str] | None = None, model: str | None = None) -> Completion:
+        """One chat completion (POST /chat/completions, not streamed), from `model` (default: the configured
+        one, or the first the server lists)."""
+        settings = self._settings(max_tokens, temperature, top_p, seed, stop, model)
+        model = settings["model"]
         with self._failures("/chat/completions"):
-            raw = self.openai.chat.completions.with_raw_response.create(
-                model=model, messages=messages, stream=False, max_tokens=max_tokens or self.config.max_tokens,
-                temperature=self.config.temperature if temperature is None else temperature, **optional)
+            raw = self.openai.chat.completions.with_raw_response.create(messages=messages, stream=False, **settings)
             answer = _ChatAnswer.model_validate(raw.http_response.json())
         if not answer.choices:
             raise LLMServerError(f"the LLM server answered without choices: {str(answer)[:200]}", 502)
@@ -234,6 +252,36 @@ class LMStudioClient:
         return Completion(text=content.strip(), finish_reason=first.finish_reason or "stop",
                           prompt_tokens=usage.prompt_tokens or 0, completion_tokens=usage.completion_tokens or 0,
                           model=answer.model or model)
+
+    def stream(self, messages: list[dict[str, Any]], max_tokens: int | None = None,
+               temperature: float | None = None, top_p: float | None = None, seed: int | None = None,
+               stop: list[str] | None = None, model: str | None = None) -> Iterator[str | Completion]:
+        """One chat completion, streamed: its text deltas as the server sends them, then the Completion (the
+        whole text, stripped; the usage when the server reports it, else the number of content chunks).
+        Closing the iterator closes the connection, which stops a server that cancels on disconnect."""
+        settings = self._settings(max_tokens, temperature, top_p, seed, stop, model)
+        texts: list[str] = []
+        finish, usage, chunks = "stop", _Usage(), 0
+        with self._failures("/chat/completions"):
+            stream = self.openai.chat.completions.create(messages=messages, stream=True,
+                                                         stream_options={"include_usage": True}, **settings)
+            with stream:
+                for chunk in stream:
+                    try:
+                        if chunk.usage is not None:
+                            usage = _Usage.model_validate(chunk.usage.model_dump())
+                        choice = chunk.choices[0] if chunk.choices else None
+                        delta = choice.delta.content if choice is not None and choice.delta is not None else None
+                    except (AttributeError, TypeError, IndexError) as e:
+                        raise ValueError(f"a chunk that is not a chat completion chunk: {e}") from None
+                    if choice is not None and choice.finish_reason:
+                        finish = choice.finish_reason
+                    if isinstance(delta, str) and delta:
+                        texts.append(delta)
+                        chunks += 1
+                        yield delta
+        yield Completion(text="".join(texts).strip(), finish_reason=finish, prompt_tokens=usage.prompt_tokens or 0,
+                         completion_tokens=usage.completion_tokens or chunks, model=settings["model"])
 
 
 def check_lm_studio_available(config: LMStudioConfig | None = None, timeout: float = 5.0) -> bool:

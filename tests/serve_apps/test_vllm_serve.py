@@ -1,6 +1,7 @@
 """The Serve app with a vllm model (vLLM's CPU build, async engine), through real HTTP on 127.0.0.1:
 the same API as the other engines, greedy replies equal to the hf backend's, streamed and concurrent
-requests sharing the engine's batch, and a client that disconnects cancelling its generation."""
+requests sharing the engine's batch, a client that disconnects cancelling its generation, and a caption job
+whose remote model is this server."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import json
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import pytest
 import requests
@@ -81,6 +83,30 @@ def test_replies_equal_the_hf_backend_plain_streamed_and_on_the_seed_api(server,
     seed_api = requests.post(f"{url}/caption", files={"image": ("a.png", png(1), "image/png")},
                              data={"max_new_tokens": "24"}, headers=AUTH, timeout=120)
     assert seed_api.status_code == 200 and seed_api.json()["caption"] == expected.text
+
+
+def test_a_remote_caption_job_against_the_engine(server, tiny_qwen2_vl_h128, tmp_path, monkeypatch):
+    """`pixelray caption --model remote:tiny-vllm?url=...`: the hf backend's captions, image for image."""
+    import pyarrow.parquet as pq
+
+    from pixelray.hybrid.client import API_KEY_ENV
+    from pixelray.pipelines.caption import CaptionConfig, run_caption
+
+    url, _ = server
+    monkeypatch.setenv(API_KEY_ENV, KEY)
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for seed in range(3):
+        (folder / f"{seed}.png").write_bytes(png(seed))
+    summary = run_caption(CaptionConfig(input=str(folder), out=str(tmp_path / "out"), generation={"max_new_tokens": 24},
+                                        model=f"remote:tiny-vllm?url={url}/v1"))
+    rows = {Path(r["path"]).name: r for r in pq.read_table(tmp_path / "out" / "captions").to_pylist()}
+    hf = create_generator(f"hf:{tiny_qwen2_vl_h128}", device="cpu", dtype="fp32")
+    expected = hf.generate([Image.open(io.BytesIO(png(seed))) for seed in range(3)], "Describe the image.",
+                           GenerationConfig(max_new_tokens=24))
+    assert (summary.written, summary.errors) == (3, 0)
+    assert [(rows[f"{seed}.png"]["caption"], rows[f"{seed}.png"]["num_tokens"]) for seed in range(3)] == [
+        (e.text, e.num_tokens) for e in expected]
 
 
 def test_concurrent_plain_and_streamed_requests_share_the_running_batch(server):
