@@ -15,7 +15,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 class FailingLLM(ThreadingHTTPServer):
     """An OpenAI-shaped server on 127.0.0.1 that fails on purpose, by `mode` (which may be changed
-    while it runs): 500, no_choices, invalid_json, slow; usage_not_object, choices_not_list,
+    while it runs): 500, 400 (a request refused), no_choices, invalid_json, slow; usage_not_object, choices_not_list,
     not_an_object (valid JSON of the wrong shape); huge (a JSON body of 9 MiB), huge_unsized (the same
 without Content-Length: the body ends when the connection closes); retry_after (HTTP 429
     with `Retry-After: <retry_after>`); or ok: a chat completion whose text is `caption N` (the Nth
@@ -90,6 +90,8 @@ class _Handler(BaseHTTPRequestHandler):
             time.sleep(self.server.delay)
         if mode == "500":
             self._send(500, b'{"error": "model crashed"}')
+        elif mode == "400":
+            self._send(400, b'{"error": {"message": "this model takes no images", "type": "invalid_request"}}')
         elif mode == "no_choices":
             self._send(200, json.dumps({"id": "x", "object": "chat.completion", "choices": []}).encode())
         elif mode in ("usage_not_object", "choices_not_list"):

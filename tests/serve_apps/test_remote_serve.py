@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 import requests
 
+from pixelray.generators.remote import discover
 from pixelray.testing import free_port
 from pixelray.testing.llm_servers import FailingLLM
 
@@ -96,19 +97,14 @@ def test_models_say_what_they_take(apps):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "shapes-demo" in result.stdout and "images" in result.stdout and "listed as vlm" in result.stdout
-    # a server whose listing does not say: one probe with a tiny image
-    probe = FailingLLM("ok")
+    # a server whose listing does not say: one probe with a tiny image (answered: yes; refused: no)
+    answering, refusing, failing = FailingLLM("ok"), FailingLLM("400"), FailingLLM("500")
     try:
-        result = subprocess.run([sys.executable, "-m", "pixelray.cli", "models", "--url", probe.url],
-                                capture_output=True, text=True, timeout=120)
-        assert result.returncode == 0 and "probed: it answered about an image" in result.stdout, result.stderr
-        assert probe.requests == 1
+        [found] = discover(answering.url)
+        assert (found.id, found.images, answering.requests) == ("m", True, 1)
+        assert discover(refusing.url)[0].images is False
+        assert discover(failing.url)[0].images is None  # a server error tells nothing
+        assert discover(answering.url, probe=False)[0].images is None and answering.requests == 1
     finally:
-        probe.shutdown()
-    refusing = FailingLLM("500")
-    try:
-        result = subprocess.run([sys.executable, "-m", "pixelray.cli", "models", "--url", refusing.url, "--no-probe"],
-                                capture_output=True, text=True, timeout=120)
-        assert result.returncode == 0 and "unknown" in result.stdout and refusing.requests == 0
-    finally:
-        refusing.shutdown()
+        for server in (answering, refusing, failing):
+            server.shutdown()
