@@ -50,6 +50,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/serve_load.py
 	$(BIN)/python benchmarks/hostile.py
 	$(BIN)/python benchmarks/search.py
+	$(BIN)/python benchmarks/remote.py
 
 clean:
 	rm -rf runs .pytest_cache

@@ -13,8 +13,13 @@ resized to 56x56: 16 patches of 14 px, merged 2x2 into 4 image tokens.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from pixelray.testing.tiny_vlms import _train_tokenizer
@@ -86,6 +91,30 @@ def save_in_subprocess(out: Path) -> Path:
     """`save_tiny_mlx_qwen2_vl` in a child process (keeps mlx_vlm out of the caller's)."""
     subprocess.run([sys.executable, "-m", __name__, str(out)], check=True, timeout=300)
     return out
+
+
+@contextmanager
+def mlx_vlm_server(model: Path, log: Path, port: int) -> Iterator[tuple[subprocess.Popen, str]]:
+    """`python -m mlx_vlm.server` serving `model` on 127.0.0.1:`port` (its output in `log`), in a session of its
+    own; yields the process and its /v1 URL once it answers, and stops it (if a test has not killed it)."""
+    from pixelray.hybrid import LMStudioConfig, check_lm_studio_available
+
+    url = f"http://127.0.0.1:{port}/v1"
+    with log.open("w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "mlx_vlm.server", "--host", "127.0.0.1", "--port", str(port),
+                                 "--model", str(model)], stdout=out, stderr=subprocess.STDOUT,
+                                env={**os.environ, "HF_HUB_OFFLINE": "1"}, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while not check_lm_studio_available(LMStudioConfig(base_url=url), timeout=2):
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"mlx_vlm.server did not start: {log.read_text()[-2000:]}")
+            time.sleep(0.5)
+        yield proc, url
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+            proc.wait(timeout=30)
 
 
 if __name__ == "__main__":

@@ -6,8 +6,6 @@ from __future__ import annotations
 import os
 import signal
 import socket
-import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -17,12 +15,12 @@ import pytest
 from PIL import Image
 
 from pixelray.errors import TRANSIENT
-from pixelray.hybrid import HybridPixelLLM, LMStudioConfig, check_lm_studio_available
+from pixelray.hybrid import HybridPixelLLM
 from pixelray.pipelines.caption import CaptionConfig, run_caption
 from pixelray.testing import free_port
 from pixelray.testing.images import bad_files, random_images, write_folder
 from pixelray.testing.llm_servers import FailingLLM
-from pixelray.testing.tiny_mlx import save_in_subprocess
+from pixelray.testing.tiny_mlx import mlx_vlm_server, save_in_subprocess
 
 
 @pytest.fixture(scope="module")
@@ -108,17 +106,8 @@ def test_mlx_vlm_server_and_a_server_killed_mid_batch(ray_address, tiny_clip, tm
 
     model = save_in_subprocess(tmp_path / "mlx-model")
     port = free_port()
-    url = f"http://127.0.0.1:{port}/v1"
     log = tmp_path / "mlx-server.log"
-    with log.open("w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "mlx_vlm.server", "--host", "127.0.0.1", "--port", str(port),
-                                 "--model", str(model)], stdout=out, stderr=subprocess.STDOUT,
-                                env={**os.environ, "HF_HUB_OFFLINE": "1"}, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 120
-        while not check_lm_studio_available(LMStudioConfig(base_url=url), timeout=2):
-            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
-            time.sleep(0.5)
+    with mlx_vlm_server(model, log, port) as (proc, url):
         hybrid = HybridPixelLLM({"encoder": str(tiny_clip), "device": "cpu",
                                  "llm": {"base_url": url, "temperature": 0, "max_tokens": 8}})
         assert hybrid.client.model() == str(model)  # no model named: the one the server lists
@@ -150,10 +139,6 @@ def test_mlx_vlm_server_and_a_server_killed_mid_batch(ray_address, tiny_clip, tm
         assert rows >= 2 and errors and rows + len(errors) == 24
         assert (result.written, result.errors) == (rows, len(errors))
         assert all("cannot be reached" in e["error"] for e in errors), errors[0]
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(timeout=30)
     with pytest.raises(ConnectionRefusedError):  # nothing listens there any more
         socket.create_connection(("127.0.0.1", port), timeout=5).close()
 

@@ -19,12 +19,12 @@ import requests
 
 from pixelray.errors import TRANSIENT
 from pixelray.generators import GenerationConfig, create_generator, user_turn
-from pixelray.hybrid import LLMServerError, LMStudioConfig, check_lm_studio_available
+from pixelray.hybrid import LLMServerError
 from pixelray.hybrid.client import API_KEY_ENV
 from pixelray.pipelines.caption import CaptionConfig, run_caption
 from pixelray.testing import free_port
 from pixelray.testing.images import random_images, write_folder
-from pixelray.testing.tiny_mlx import save_in_subprocess
+from pixelray.testing.tiny_mlx import mlx_vlm_server, save_in_subprocess
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "shapes"
 KEY = "remote-key"
@@ -157,18 +157,7 @@ def test_against_mlx_vlm_server(ray_address, tmp_path):
     """`python -m mlx_vlm.server` (mlx-vlm's CPU build) serving a tiny Qwen2-VL: the remote backend's captions
     are those the mlx backend gives for the same model and images, greedy, token for token."""
     model = save_in_subprocess(tmp_path / "mlx-model")
-    port = free_port()
-    url = f"http://127.0.0.1:{port}/v1"
-    log = tmp_path / "mlx-server.log"
-    with log.open("w") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "mlx_vlm.server", "--host", "127.0.0.1", "--port", str(port),
-                                 "--model", str(model)], stdout=out, stderr=subprocess.STDOUT,
-                                env={**os.environ, "HF_HUB_OFFLINE": "1"}, start_new_session=True)
-    try:
-        deadline = time.monotonic() + 120
-        while not check_lm_studio_available(LMStudioConfig(base_url=url), timeout=2):
-            assert proc.poll() is None and time.monotonic() < deadline, log.read_text()[-2000:]
-            time.sleep(0.5)
+    with mlx_vlm_server(model, tmp_path / "mlx-server.log", free_port()) as (_, url):
         folder = tmp_path / "imgs"
         folder.mkdir()
         for i, image in enumerate(random_images(4)):
@@ -187,6 +176,3 @@ def test_against_mlx_vlm_server(ray_address, tmp_path):
         # the same tokens; random weights make bytes that are no UTF-8, which the server shows as U+FFFD
         assert [[rows[f"{i}.png"]["caption"].replace("\ufffd", ""), rows[f"{i}.png"]["num_tokens"]]
                 for i in range(4)] == [[text.replace("\ufffd", ""), tokens] for text, tokens in expected]
-    finally:
-        proc.kill()
-        proc.wait()
