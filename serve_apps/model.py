@@ -56,7 +56,7 @@ class VLMModel:
             batch = [items[i] for i in indices]
             self.batches, self.batched = self.batches + 1, self.batched + len(batch)
             args = ([c for c, _, _ in batch], [ims for _, ims, _ in batch], batch[0][2])
-            if self.generator.waits_on_network:  # a hybrid: the loop stays free while its LLM server works
+            if self.generator.waits_on_network:  # hybrid, remote: the loop stays free while their server works
                 outcomes = await asyncio.to_thread(self.generator.chat_items, *args)
             else:
                 outcomes = self.generator.chat_items(*args)

@@ -4,7 +4,8 @@ and the Serve app run it like any other model (`--model hybrid:clip?url=http://h
 Each image part of a conversation becomes the prompt template rendered with that image's feature
 summary (and the turn's text); the conversation then goes to the LLM server as plain text. A
 batch's images go through the encoder together; the LLM requests run concurrently, bounded by
-`max_concurrency`, and a failed request fails only its own item (an LLMServerError, 502 or 503).
+`max_concurrency`, and a failed request fails only its own item (an LLMServerError, 502 or 503). A
+streamed reply passes the LLM server's chunks on as they arrive.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ from pixelray.hybrid.summary import FeatureSummary
 
 
 class HybridGenerator(ServerGenerator):
-
     def __init__(self, source: str, device: str = "auto", name: str | None = None):
         config = HybridConfig.from_source(source)
         if device != "auto":
@@ -47,7 +47,6 @@ class HybridGenerator(ServerGenerator):
             temperature=config.temperature, top_p=config.top_p if config.top_p < 1 else None, seed=config.seed,
             stop=config.stop or None))
         return [r if isinstance(r, Exception) else _result(next(completions)) for r in requests]
-
 
     def stream(self, conversation: list[Message], images: list[Image.Image],
                config: GenerationConfig = GenerationConfig(), cancel: threading.Event | None = None,
