@@ -10,7 +10,7 @@ Run as:
     pixelray train --config FILE [key=value ...] [--resume | --overwrite]
     pixelray eval PREDICTIONS --references FILE   |   pixelray eval --shapes N --model NAME --out DIR
     pixelray shapes --out DIR --num N [--seed S]
-    pixelray serve [--config FILE] [--address ADDR] [key=value ...]
+    pixelray serve [--config FILE] [--host HOST] [--port PORT] [--address ADDR] [key=value ...]
     pixelray models [--url URL [--no-probe]]
     pixelray submit {embed|caption|train|eval|index|dedup} ARGS... --address http://HEAD:8265 [--no-wait]
     pixelray jobs {list | logs JOB [--follow] | stop JOB} --address http://HEAD:8265
@@ -88,8 +88,12 @@ def _jobs_parsers(sub) -> None:
 
     p = sub.add_parser("serve", help="start the Serve app (caption, VQA, chat, OpenAI /v1) on Ray",
                        description="Runs Serve's own `serve run` with a Serve config file or with "
-                                   "pixelray.serve_apps.vlm:build_app and key=value arguments; blocks until Ctrl-C.")
+                                   "pixelray.serve_apps.vlm:build_app and key=value arguments; prints the URL and "
+                                   "an example request once the app answers; blocks until Ctrl-C.")
     p.add_argument("--config", default=None, help="a Serve config YAML, e.g. serve_apps/configs/local.yaml")
+    p.add_argument("--host", default=None, help="the address the HTTP proxy listens on (default: the config's, else "
+                                                "127.0.0.1; 0.0.0.0 for every interface)")
+    p.add_argument("--port", type=int, default=None, help="its port (default: the config's, else 8000)")
     p.add_argument("--address", default=None, help=ADDRESS)
     p.add_argument("--app", default="pixelray.serve_apps.vlm:build_app", help="the app builder (without --config)")
     p.add_argument("arguments", nargs="*", help="key=value app arguments, e.g. models=shapes-demo api_key=SECRET")
@@ -233,15 +237,16 @@ def _run_shapes(args: argparse.Namespace) -> int:
 def _run_serve(args: argparse.Namespace) -> int:
     from ray.serve.scripts import cli as serve_cli
 
+    from pixelray.cli.serve import announce_when_ready, serve_config
     from pixelray.cli.stop import stops_cleanly
 
     if args.config and args.arguments:
         raise PixelrayError("key=value arguments go with the app builder; put them in the config file instead")
-    command = ["run", args.config or args.app, *args.arguments]
-    if args.address:
-        command += ["--address", args.address]
-    with stops_cleanly():  # Ctrl-C or SIGTERM: Serve and the Ray it started stop, no process is left
-        serve_cli.main(command, prog_name="serve", standalone_mode=False)
+    with serve_config(args.config, args.app, args.arguments, host=args.host, port=args.port) as (path, url):
+        command = ["run", str(path)] + (["--address", args.address] if args.address else [])
+        announce_when_ready(url)
+        with stops_cleanly():  # Ctrl-C or SIGTERM: Serve and the Ray it started stop, no process is left
+            serve_cli.main(command, prog_name="serve", standalone_mode=False)
     return 0
 
 

@@ -24,8 +24,10 @@ from pathlib import Path
 
 import pytest
 import requests
+import yaml
 from PIL import Image
 
+from pixelray.errors import PixelrayError
 from pixelray.shapes import caption_correct
 from pixelray import testing
 from pixelray.testing import free_port
@@ -356,12 +358,12 @@ def test_replica_killed_during_a_burst_recovers(server):
 
 @pytest.mark.slow
 def test_pixelray_serve_subprocess(tmp_path):
+    """`pixelray serve --config FILE --port P`: the config's app on another port than its own, announced."""
     port = free_port()
-    config = (ROOT / "serve_apps/configs/local.yaml").read_text().replace("port: 8000", f"port: {port}")
-    (tmp_path / "serve.yaml").write_text(config)
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     log = open(tmp_path / "serve.log", "w")  # a pipe nobody reads could fill up and stall the server
-    proc = subprocess.Popen([sys.executable, "-m", "pixelray.cli", "serve", "--config", str(tmp_path / "serve.yaml")],
+    proc = subprocess.Popen([sys.executable, "-m", "pixelray.cli", "serve", "--config",
+                             str(ROOT / "serve_apps/configs/local.yaml"), "--port", str(port)],
                             cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     try:
         url = f"http://127.0.0.1:{port}"
@@ -369,6 +371,8 @@ def test_pixelray_serve_subprocess(tmp_path):
         r = requests.post(f"{url}/caption", files={"image": ("a.png", (SHAPES / "images/000000.png").read_bytes())},
                           timeout=60)
         assert r.status_code == 200 and caption_correct(r.json()["caption"], CAPTIONS["images/000000.png"]["shapes"])
+        wait_until(lambda: f"ready at {url}" in (tmp_path / "serve.log").read_text(), 10, "the ready line")
+        assert "curl -F image=@" in (tmp_path / "serve.log").read_text()
     finally:
         os.killpg(proc.pid, signal.SIGINT)
         try:
@@ -379,6 +383,25 @@ def test_pixelray_serve_subprocess(tmp_path):
         log.close()
     # the proxy is a Ray worker process: it may outlive `pixelray serve` by a moment, not for good
     wait_until(lambda: not port_open(port), 30, "the stopped server's port to close")
+
+
+def test_serve_options_make_the_serve_config():
+    from pixelray.cli.serve import serve_config
+
+    with serve_config(None, "pixelray.serve_apps.vlm:build_app", ["models=shapes-demo", "api_key=k"],
+                      host="0.0.0.0", port=8123) as (path, url):
+        written = yaml.safe_load(path.read_text())
+    assert url == "http://127.0.0.1:8123" and not path.exists()
+    assert written["http_options"] == {"host": "0.0.0.0", "port": 8123}
+    assert written["applications"] == [{"name": "vlm", "route_prefix": "/", "import_path":
+                                        "pixelray.serve_apps.vlm:build_app",
+                                        "args": {"models": "shapes-demo", "api_key": "k"}}]
+    with serve_config(str(ROOT / "serve_apps/configs/local.yaml"), "", []) as (path, url):
+        written = yaml.safe_load(path.read_text())
+    assert url == "http://127.0.0.1:8000" and written["applications"][0]["args"]["chat_max_turns"] == 16
+    with pytest.raises(PixelrayError, match="key=value"):
+        with serve_config(None, "x:y", ["models"]):
+            pass
 
 
 def port_open(port: int) -> bool:
@@ -428,7 +451,6 @@ def test_serve_configs_are_valid(config):
 
 
 def test_conversation_store_bounds():
-    from pixelray.errors import PixelrayError
     from pixelray.serve_apps.conversations import ConversationStore
 
     now = [0.0]
