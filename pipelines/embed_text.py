@@ -35,21 +35,20 @@ from pixelray.images import image_id
 from pixelray.pipelines.config import EmbedConfig
 from pixelray.pipelines.job import JobSummary, Pass, open_store, start, write
 from pixelray.pipelines.sources import Source, _isin, list_input
-from pixelray.pipelines.store import MANIFEST, Store, fixed_size_list
+from pixelray.pipelines.store import JOB_TABLES, MANIFEST, Store, fixed_size_list
 from pixelray.storage import split_uri
 
 TEXT_EXTENSIONS = (".parquet", ".jsonl", ".json", ".ndjson")
 ID_COLUMNS = ("item_id", "image_id")  # a row's own id, first found
 IMAGE_COLUMNS = ("path", "image")  # the image a row is about
 ROWS_PER_BATCH = 256
-STORE_TABLES = {"caption": "captions", "embed": "features"}  # a store given as INPUT: where its rows are
 
 
 def resolve_texts(uri: str, column: str, keep: list[str]) -> Source:
     """The text files of INPUT (a caption store: its table's files), checked for `column` and the kept columns."""
     fs, path, _ = split_uri(uri)
     if fs.get_file_info(f"{path.rstrip('/')}/{MANIFEST}").type == pafs.FileType.File:  # a store: its rows
-        table = STORE_TABLES.get(Store(uri, "features").read_manifest().get("job"), "features")
+        table = JOB_TABLES.get(Store(uri, "features").read_manifest().get("job"), "features")
         uri = f"{uri.rstrip('/')}/{table}"
     fs, files, prefix, _ = list_input(uri)
     files = [f for f in files if f.lower().endswith(TEXT_EXTENSIONS)]

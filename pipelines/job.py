@@ -127,8 +127,9 @@ def write(build: Callable[[Pass], ray.data.Dataset], source: Source, store: Stor
     and one that still kills its worker is an error row (`worker_crashed`): a poison file costs only
     itself, and the job ends. Shards cannot be split so: there the first such block stops the job.
 
-    Images whose image_id is in `exclude` (a `pixelray dedup` table's drops) are skipped like stored ones."""
-    began = time.perf_counter()
+    Images whose image_id is in `exclude` (a `pixelray dedup` table's drops) are skipped like stored ones.
+    The run is recorded in the store (runs/*.json: `run_record`)."""
+    began, started_at = time.perf_counter(), time.time()
     files = source.kind == "files"
     skip = np.sort(np.array(sorted(exclude), dtype="S32"))
     if files:  # the items (an image, or an image and question) of the excluded images
@@ -145,13 +146,28 @@ def write(build: Callable[[Pass], ray.data.Dataset], source: Source, store: Stor
             alone = _run(build(Pass(np.union1d(store.stored_ids(), skip), max_task_retries, alone=True)), store,
                          rows_per_file, max_task_retries, -1, job)
             stats.rows, stats.errors = stats.rows + alone.rows, stats.errors + alone.errors
+            for kind, n in alone.error_types.items():
+                stats.error_types[kind] = stats.error_types.get(kind, 0) + n
             crashed = np.flatnonzero(missing())
             if len(crashed):
                 _record_crashes(source, crashed, store, max_task_retries + 1)
                 stats.errors += len(crashed)
-    return JobSummary(job=job, verb=verb, written=stats.rows, errors=stats.errors,
-                      previously_stored=len(done), seconds=time.perf_counter() - began, store=store, unit=unit,
-                      excluded=excluded)
+                stats.error_types[WORKER_CRASHED] = len(crashed)
+    summary = JobSummary(job=job, verb=verb, written=stats.rows, errors=stats.errors,
+                         previously_stored=len(done), seconds=time.perf_counter() - began, store=store, unit=unit,
+                         excluded=excluded)
+    store.write_run_record(run_record(summary, started_at, stats.error_types, store.read_manifest()))
+    return summary
+
+
+def run_record(summary: JobSummary, started_at: float, error_types: dict[str, int], settings: dict) -> dict:
+    """What a run did, as the store keeps it: when, how long, how many, how fast, errors by type, settings."""
+    stamp = lambda t: time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(t))  # noqa: E731
+    return {"job": summary.job, "started": stamp(started_at), "ended": stamp(started_at + summary.seconds),
+            "seconds": round(summary.seconds, 3), "unit": summary.unit, "written": int(summary.written),
+            "errors": int(summary.errors), "errors_by_type": {k: int(n) for k, n in sorted(error_types.items())},
+            "previously_stored": int(summary.previously_stored), "excluded": int(summary.excluded),
+            "items_per_s": round(summary.images_per_s, 3), "settings": settings}
 
 
 def _run(ds: ray.data.Dataset, store: Store, rows_per_file: int, max_task_retries: int, max_errored_blocks: int,

@@ -2,6 +2,8 @@
 
     OUT/
       pixelray.json        what produced the store (job, model, options); a resume must match it
+      runs/*.json          one record per run of a job: when, how long, how many, how fast, errors by type
+                           (`pixelray inspect OUT` prints them)
       <table>/*.parquet    good rows (features/, captions/ ...)
       errors/*.parquet     image_id, path, error_type, error: one row per bad image (per bad
                            item: image + question, keyed by item_id, for VQA)
@@ -41,6 +43,8 @@ from pixelray.storage import split_uri
 
 ERRORS = "errors"
 MANIFEST = "pixelray.json"
+RUNS = "runs"  # run records (job.py writes one per run)
+JOB_TABLES = {"caption": "captions", "embed": "features"}  # a store's table of good rows, by the job that wrote it
 ERROR_CONTEXT = ("image_id", "path", "question")  # kept in errors/ when the job's rows have them
 QUARANTINE = "quarantine"  # unreadable files found on resume are moved here
 
@@ -93,7 +97,7 @@ class Store:
     def _prepare(self, manifest: dict[str, Any], *, resume: bool, overwrite: bool) -> None:
         if self.exists():
             if overwrite:
-                for table in (self.table, ERRORS):
+                for table in (self.table, ERRORS, RUNS):
                     if self.fs.get_file_info(self.dir(table)).type == pafs.FileType.Directory:
                         self.fs.delete_dir(self.dir(table))
             elif not resume:
@@ -199,6 +203,24 @@ class Store:
                 self.fs.delete_file(path)
         return forgotten
 
+    def write_run_record(self, record: dict[str, Any]) -> str:
+        """Record one run of the job (RUNS/<start time>-<id>.json, written atomically); returns its path."""
+        name = f"{RUNS}/{time.strftime('%Y%m%dT%H%M%S')}-{uuid.uuid4().hex[:6]}.json"
+        self.fs.create_dir(self.dir(RUNS), recursive=True)
+        with atomic_output(self.fs, f"{self.root}/{name}") as f:
+            f.write(json.dumps(record, indent=2).encode())
+        return name
+
+    def run_records(self) -> list[dict[str, Any]]:
+        """The runs recorded so far, oldest first."""
+        sel = pafs.FileSelector(self.dir(RUNS), allow_not_found=True)
+        records = []
+        for info in sorted(self.fs.get_file_info(sel), key=lambda i: i.path):
+            if info.path.endswith(".json") and not os.path.basename(info.path).startswith("."):
+                with self.fs.open_input_stream(info.path) as f:
+                    records.append(json.loads(f.read()))
+        return records
+
     def count(self, table: str) -> tuple[int, int]:
         """(rows, files) in a table."""
         ds = self.dataset(table)
@@ -263,6 +285,7 @@ class WriteStats:
     rows: int = 0
     errors: int = 0
     files: list[str] = field(default_factory=list)
+    error_types: dict[str, int] = field(default_factory=dict)  # error rows by error_type
 
 
 class StoreSink(Datasink[WriteStats]):
@@ -295,6 +318,8 @@ class StoreSink(Datasink[WriteStats]):
                                      f"{self.store.root}/{name}")
                 stats.files.append(name)
         stats.rows, stats.errors = good.num_rows, bad.num_rows
+        stats.error_types = {kind: int(n) for kind, n in zip(*np.unique(bad["error_type"].to_numpy(zero_copy_only=False),
+                                                                          return_counts=True))}
         return stats
 
     def on_write_complete(self, write_result) -> None:
@@ -302,3 +327,5 @@ class StoreSink(Datasink[WriteStats]):
             self.stats.rows += s.rows
             self.stats.errors += s.errors
             self.stats.files += s.files
+            for kind, n in s.error_types.items():
+                self.stats.error_types[kind] = self.stats.error_types.get(kind, 0) + n

@@ -6,6 +6,7 @@ Run as:
     pixelray index STORE [--memory-budget 4GiB] [--rebuild]
     pixelray search STORE (--text TEXT | --image PATH) [-k 10] [--json]
     pixelray dedup STORE [--threshold 0.95] [--out FILE]
+    pixelray inspect STORE [--rows 3]
     pixelray caption INPUT --out DIR [--model NAME] [--prompt TEXT] [--question TEXT | --questions FILE]
     pixelray train --config FILE [key=value ...] [--resume | --overwrite]
     pixelray eval PREDICTIONS --references FILE   |   pixelray eval --shapes N --model NAME --out DIR
@@ -137,6 +138,10 @@ def _store_parsers(sub) -> None:
     p.add_argument("store", metavar="STORE")
     p.add_argument("--threshold", type=float, default=0.95, help="cosine similarity (default: 0.95)")
     p.add_argument("--out", default=None, help="the table's path (default: STORE/dedup.parquet)")
+
+    p = sub.add_parser("inspect", help="what a store holds: settings, counts, errors by type, runs, schema, rows")
+    p.add_argument("store", metavar="STORE")
+    p.add_argument("--rows", type=int, default=3, help="rows to show (default: 3)")
 
 
 def _cluster_parsers(sub) -> None:
@@ -283,6 +288,13 @@ def _run_dedup(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_inspect(args: argparse.Namespace) -> int:
+    from pixelray.pipelines.inspect import inspect_store
+
+    print(inspect_store(args.store, rows=args.rows))
+    return 0
+
+
 def _run_models(args: argparse.Namespace) -> int:
     from pixelray.encoders import list_encoders
     from pixelray.generators import list_generators
@@ -335,7 +347,7 @@ def _run_jobs(args: argparse.Namespace) -> int:
 
 HANDLERS = {"embed": _run_embed, "caption": _run_caption, "train": _run_train, "eval": _run_eval,
             "shapes": _run_shapes, "serve": _run_serve, "models": _run_models, "submit": _run_submit,
-            "index": _run_index, "search": _run_search, "dedup": _run_dedup,
+            "index": _run_index, "search": _run_search, "dedup": _run_dedup, "inspect": _run_inspect,
             "jobs": _run_jobs}
 
 
