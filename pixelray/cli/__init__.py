@@ -7,6 +7,7 @@ Run as:
     pixelray search STORE (--text TEXT | --image PATH) [-k 10] [--json]
     pixelray dedup STORE [--threshold 0.95] [--out FILE]
     pixelray inspect STORE [--rows 3]
+    pixelray show STORE --out FILE.html [--limit N] [--where COLUMN=VALUE ...] [--text QUERY]
     pixelray caption INPUT --out DIR [--model NAME] [--prompt TEXT] [--question TEXT | --questions FILE]
     pixelray train --config FILE [key=value ...] [--resume | --overwrite]
     pixelray eval PREDICTIONS --references FILE   |   pixelray eval --shapes N --model NAME --out DIR
@@ -138,6 +139,15 @@ def _store_parsers(sub) -> None:
     p.add_argument("store", metavar="STORE")
     p.add_argument("--threshold", type=float, default=0.95, help="cosine similarity (default: 0.95)")
     p.add_argument("--out", default=None, help="the table's path (default: STORE/dedup.parquet)")
+
+    p = sub.add_parser("show", help="a page of a store's results: thumbnails with their captions or answers, the "
+                                    "errors and the job's figures, in one HTML file")
+    p.add_argument("store", metavar="STORE")
+    p.add_argument("--out", required=True, help="the HTML file to write")
+    p.add_argument("--limit", type=int, default=200, help="items on the page at most (a bigger store is sampled)")
+    p.add_argument("--where", action="append", default=[], metavar="COND",
+                   help="keep rows where COLUMN=VALUE, COLUMN!=VALUE or COLUMN~TEXT (repeatable)")
+    p.add_argument("--text", default=None, help="a feature store with an index: show its search results for TEXT")
 
     p = sub.add_parser("inspect", help="what a store holds: settings, counts, errors by type, runs, schema, rows")
     p.add_argument("store", metavar="STORE")
@@ -288,6 +298,13 @@ def _run_dedup(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_show(args: argparse.Namespace) -> int:
+    from pixelray.pipelines.show import show_store
+
+    print(show_store(args.store, args.out, limit=args.limit, where=args.where, text=args.text))
+    return 0
+
+
 def _run_inspect(args: argparse.Namespace) -> int:
     from pixelray.pipelines.inspect import inspect_store
 
@@ -348,6 +365,7 @@ def _run_jobs(args: argparse.Namespace) -> int:
 HANDLERS = {"embed": _run_embed, "caption": _run_caption, "train": _run_train, "eval": _run_eval,
             "shapes": _run_shapes, "serve": _run_serve, "models": _run_models, "submit": _run_submit,
             "index": _run_index, "search": _run_search, "dedup": _run_dedup, "inspect": _run_inspect,
+            "show": _run_show,
             "jobs": _run_jobs}
 
 
