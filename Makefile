@@ -31,9 +31,11 @@ endif
 # The main job on the example images shipped in the repo, offline: the bundled shapes-demo model
 # (pixelray/models/shapes-demo) captions them, and the captions are scored against the references; the
 # bundled shapes CLIP (pixelray/models/shapes-clip) embeds them, and a text query searches the store.
+# runs/demo.html shows the captions beside their images.
 demo: $(STAMP)
 	$(BIN)/pixelray caption examples/shapes --out runs/demo --overwrite
 	$(BIN)/pixelray eval runs/demo --references examples/shapes/captions.jsonl
+	$(BIN)/pixelray show runs/demo --out runs/demo.html
 	$(BIN)/pixelray embed examples/shapes --out runs/demo-features --encoder shapes-clip --overwrite
 	$(BIN)/pixelray index runs/demo-features
 	$(BIN)/pixelray search runs/demo-features --text "a red star" -k 5

@@ -152,8 +152,14 @@ def run_caption(cfg: CaptionConfig) -> JobSummary:
                 **server_key_env(spec),
             )
 
-        return write(pipeline, source, store, done, rows_per_file=cfg.rows_per_file,
-                     max_task_retries=cfg.max_task_retries, max_crashed_blocks=cfg.max_crashed_blocks, job="caption",
-                     verb="answers" if vqa else "images captioned", unit="items" if vqa else "images",
-                     exclude=exclude)
+        summary = write(pipeline, source, store, done, rows_per_file=cfg.rows_per_file,
+                        max_task_retries=cfg.max_task_retries, max_crashed_blocks=cfg.max_crashed_blocks,
+                        job="caption", verb="answers" if vqa else "images captioned",
+                        unit="items" if vqa else "images", exclude=exclude)
+    if (table := store.dataset(store.table)) is not None:  # a few of the captions, by file name
+        said = "answer" if vqa else "caption"
+        rows = table.head(summary.SAMPLES, columns=["path", said, *(["question"] if vqa else [])]).to_pylist()
+        summary.samples = [(r["path"].rsplit("/", 1)[-1] + (f" ({r['question']})" if vqa else ""), r[said])
+                           for r in rows]
+    return summary
 

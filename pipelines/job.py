@@ -5,14 +5,15 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from dataclasses import dataclass
-from typing import Any, Callable
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar
 
 import numpy as np
 import pyarrow as pa
 import ray
 
 from pixelray.errors import TRANSIENT, PixelrayError
+from pixelray.pipelines.progress import Progress
 from pixelray.pipelines.sources import Source, item_ids
 from pixelray.pipelines.store import ERRORS, Store, WriteStats, write_parquet_atomic
 from pixelray.runtime import PoolPlan, cluster_resources, init_ray, plan_pool
@@ -33,6 +34,8 @@ class JobSummary:
     store: Store
     unit: str = "images"
     excluded: int = 0  # items left out by an --exclude table
+    samples: list[tuple[str, str]] = field(default_factory=list)  # (file, what was written of it): a few rows
+    SAMPLES: ClassVar[int] = 20
 
     @property
     def images_per_s(self) -> float:
@@ -48,6 +51,11 @@ class JobSummary:
         for table in (self.store.table, "errors"):
             rows, files = self.store.count(table)
             lines.append(f"  {table + ':':10s}{self.store.uri}/{table}  ({rows} rows in {files} files)")
+        for name, text in self.samples:
+            lines.append(f"  {name}: {text}")
+        if self.samples and self.written > len(self.samples):
+            lines.append(f"  ... and {self.written - len(self.samples)} more: pixelray show {self.store.uri} "
+                         "--out page.html")
         for path, moved_to in self.store.quarantined:
             lines.append(f"  unreadable, moved aside (its items were done again): {path} -> {moved_to}")
         return "\n".join(lines)
@@ -136,8 +144,10 @@ def write(build: Callable[[Pass], ray.data.Dataset], source: Source, store: Stor
         images, items = (np.array(ids, dtype="S32") for ids in item_ids(source))
         skip = np.unique(items[np.isin(images, skip)])
     excluded = np.count_nonzero(~np.isin(skip, done)) if files else 0
-    stats = _run(build(Pass(np.union1d(done, skip), max_task_retries)), store, rows_per_file, max_task_retries,
-                 max_crashed_blocks if files else 0, job)
+    total = int(np.count_nonzero(~np.isin(items, np.union1d(done, skip)))) if files else None
+    with Progress(total, unit) as progress:
+        stats = _run(progress.count(build(Pass(np.union1d(done, skip), max_task_retries))), store, rows_per_file,
+                     max_task_retries, max_crashed_blocks if files else 0, job)
     if files:
         missing = lambda: ~np.isin(items, np.union1d(store.stored_ids(), skip))  # noqa: E731
         if stats.rows + stats.errors < np.count_nonzero(~np.isin(items, np.union1d(done, skip))):  # blocks left out

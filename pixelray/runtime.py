@@ -4,12 +4,16 @@ node pool's placement rules, and sizing a job's model actor pool."""
 from __future__ import annotations
 
 import importlib.util
+import logging
 import os
 from dataclasses import dataclass, field
 
 import ray
 
 from pixelray.errors import PixelrayError
+from pixelray.logs import ray_log_level, ray_started
+
+logger = logging.getLogger(__name__)
 
 # The MLX node pool: Apple-silicon nodes join with the `mlx` resource and the pool label
 #   ray start --address=HEAD:6379 --resources='{"mlx": 1}' --labels='{"pixelray.io/pool": "mlx"}'
@@ -49,12 +53,17 @@ def init_ray(address: str | None = None) -> None:
     if ray.is_initialized():
         return
     address = address or os.environ.get("RAY_ADDRESS")
+    level = ray_log_level()
     if address and os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR"):  # set by Ray's job supervisor
-        ray.init(address=address)
+        ray.init(address=address, logging_level=level)
     elif address:
-        ray.init(address=address, runtime_env=code_runtime_env())
+        ray.init(address=address, runtime_env=code_runtime_env(), logging_level=level)
     else:  # a local instance: an MLX node of its own when mlx-vlm is installed here
-        ray.init(resources={MLX_RESOURCE: 1} if importlib.util.find_spec("mlx_vlm") else None)
+        context = ray.init(resources={MLX_RESOURCE: 1} if importlib.util.find_spec("mlx_vlm") else None,
+                           logging_level=level)
+        if context.dashboard_url:
+            logger.info("Ray dashboard: http://%s", context.dashboard_url.removeprefix("http://"))
+    ray_started()
 
 
 def mlx_units(resources: dict[str, float], what: str) -> float:

@@ -31,7 +31,7 @@ from pydantic import ValidationError
 
 from pixelray.cli.options import ConfigOptions
 from pixelray.errors import PixelrayError, validation_message
-from pixelray.logs import show_logs
+from pixelray.logs import quiet_ray, show_logs
 from pixelray.pipelines.config import BatchConfig, CaptionConfig, EmbedConfig
 
 EMBED = ConfigOptions(EmbedConfig, positional=["input"])
@@ -180,9 +180,13 @@ def _cluster_parsers(sub) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = Parser(prog="pixelray", description=__doc__.split("\n\n")[0])
+    parser.add_argument("-v", "--verbose", action="store_true", help="show Ray's own log lines and progress tables")
     sub = parser.add_subparsers(dest="command", required=True)
     _jobs_parsers(sub)
     _cluster_parsers(sub)
+    for command in sub.choices.values():  # (after the command too: `pixelray caption ... --verbose`)
+        command.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                             help="show Ray's own log lines and progress tables")
     return parser
 
 
@@ -381,6 +385,8 @@ def _one_line(command: str, error: Exception) -> str:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     show_logs()
+    if not args.verbose:
+        quiet_ray()
     try:
         return HANDLERS[args.command](args)
     except MISTAKES as e:

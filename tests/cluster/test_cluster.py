@@ -78,6 +78,7 @@ def test_submitted_embed_job_writes_what_a_local_run_writes(cluster, ray_address
     local = pixelray("embed", "examples/shapes", "--out", str(tmp_path / "local"), "--encoder", str(tiny_clip),
                      "--address", ray_address)
     assert local.returncode == 0, local.stderr[-3000:]
+    assert " INFO " not in local.stderr + local.stdout  # a quiet terminal: Ray's own lines only with --verbose
 
     # the README's command: a path inside the project ships with the job; the output is absolute
     proc = submit(cluster, "embed", "examples/shapes", "--out", str(tmp_path / "remote"), "--encoder", str(tiny_clip))
@@ -105,6 +106,7 @@ def test_no_wait_then_follow_a_caption_job(cluster, tmp_path):
     follow = pixelray("jobs", "logs", job_id, "--follow", "--address", cluster.address)
     assert follow.returncode == 0, follow.stdout[-3000:]
     assert "16 images captioned, 0 errors" in follow.stdout and f"{job_id}: SUCCEEDED" in follow.stdout
+    assert "000009.png: a red star at the bottom" in follow.stdout  # the captions, beside their file names
     # the bundled shapes-demo model is trained: its captions are checked, not just counted
     refs = {Path(json.loads(line)["image"]).name: json.loads(line) for line in (EXAMPLES / "captions.jsonl").open()}
     rows = pq.read_table(tmp_path / "caps" / "captions").to_pylist()
