@@ -1,6 +1,7 @@
 """Models behind other servers in `pixelray serve`: an app that fronts a remote fleet (here, another pixelray app
 with the bundled model) answers as that fleet does; the remote and hybrid models stream their upstream's tokens
-through as they arrive; /v1/models says what each model takes, and `pixelray models --url` reads it."""
+through as they arrive, and a client that goes away closes the upstream request; /v1/models says what each
+model takes, and `pixelray models --url` reads it."""
 
 from __future__ import annotations
 
@@ -87,6 +88,25 @@ def test_the_upstreams_tokens_stream_through_as_they_arrive(apps, model):
     assert "".join(piece for _, piece in arrivals).startswith("caption ")
     assert len(arrivals) == 2 and slow.stream_ended is not None
     assert arrivals[0][0] < slow.stream_ended - DELAY  # the first piece came a whole chunk before the end
+
+
+def test_a_client_that_disconnects_closes_the_upstream_request(apps):
+    from ray import serve
+
+    from pixelray.serve_apps.vlm import deployment_name
+
+    base, slow = apps
+    handle = serve.get_deployment_handle(deployment_name("slow-remote"), app_name="front")
+    before, slow.stream_ended = handle.stats.remote().result()["cancelled"], None
+    body = {"model": "slow-remote", "messages": image_message(), "max_tokens": 8, "stream": True}
+    with requests.post(f"{base}/v1/chat/completions", json=body, stream=True, timeout=60) as r:
+        next(line for line in r.iter_lines() if b'"content":"caption"' in line.replace(b" ", b""))
+    deadline = time.monotonic() + 20  # gone after its first piece: the replica stops reading at the next chunk
+    while (stats := handle.stats.remote().result())["cancelled"] == before and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert stats["cancelled"] == before + 1 and stats["last_cancelled_tokens"] >= 1
+    time.sleep(4 * DELAY)
+    assert slow.stream_ended is None  # the upstream's stream was closed before its end
 
 
 def test_models_say_what_they_take(apps):
