@@ -42,9 +42,10 @@ class _NotHarmless(logging.Filter):
 
 def quiet_ray() -> None:
     """A quiet terminal for the command line (unless --verbose): Ray's INFO lines, its progress tables (the job
-    draws its own progress line: pipelines/progress.py), Ray's warnings with nothing to act on (HARMLESS) and the model libraries' download and loading bars are not shown; other warnings and
-    errors are. Call before Ray starts (its workers inherit the environment set here); Ray's start sets its
-    loggers up again, so `init_ray` calls `ray_started()` after it."""
+    draws its own progress line: pipelines/progress.py), Ray's warnings with nothing to act on (HARMLESS) and
+    the model libraries' download and loading bars are not shown; other warnings and errors are. Call before
+    Ray starts (its workers inherit the environment set here); Ray's start sets its loggers up again, so
+    `init_ray` calls `ray_started()` after it."""
     global _quiet
     _quiet = True
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
