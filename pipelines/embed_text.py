@@ -35,7 +35,7 @@ from pixelray.images import image_id
 from pixelray.pipelines.config import EmbedConfig
 from pixelray.pipelines.job import JobSummary, Pass, open_store, start, write
 from pixelray.pipelines.sources import Source, _isin, list_input
-from pixelray.pipelines.store import JOB_TABLES, MANIFEST, Store, fixed_size_list
+from pixelray.pipelines.store import MANIFEST, Store, fixed_size_list
 from pixelray.storage import split_uri
 
 TEXT_EXTENSIONS = (".parquet", ".jsonl", ".json", ".ndjson")
@@ -48,8 +48,7 @@ def resolve_texts(uri: str, column: str, keep: list[str]) -> Source:
     """The text files of INPUT (a caption store: its table's files), checked for `column` and the kept columns."""
     fs, path, _ = split_uri(uri)
     if fs.get_file_info(f"{path.rstrip('/')}/{MANIFEST}").type == pafs.FileType.File:  # a store: its rows
-        table = JOB_TABLES.get(Store(uri, "features").read_manifest().get("job"), "features")
-        uri = f"{uri.rstrip('/')}/{table}"
+        uri = f"{uri.rstrip('/')}/{Store.written(uri)[0].table}"
     fs, files, prefix, _ = list_input(uri)
     files = [f for f in files if f.lower().endswith(TEXT_EXTENSIONS)]
     if not files:

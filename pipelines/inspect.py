@@ -12,18 +12,15 @@ from typing import Any
 
 import pyarrow.compute as pc
 
-from pixelray.pipelines.store import ERRORS, JOB_TABLES, Store
+from pixelray.pipelines.store import ERRORS, Store
 
 MAX_CHARS = 100  # a value shown in a row is cut to this
 
 
 def inspect_store(uri: str, rows: int = 3) -> str:
     """A report of the store at `uri` (ValueError when it is not a pixelray store)."""
-    manifest = Store(uri, "features").read_manifest()
-    if not manifest:
-        raise ValueError(f"{uri} is not a pixelray store: it has no pixelray.json")
+    store, manifest = Store.written(uri)
     job = manifest.get("job", "?")
-    store = Store(uri, JOB_TABLES.get(job, "features"))
     lines = [f"{store.uri}: written by `pixelray {job}`"]
     lines += [f"  {key}: {_short(value)}" for key, value in manifest.items() if key != "job"]
     lines.append("tables:")

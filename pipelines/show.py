@@ -24,7 +24,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pixelray.images import open_image
-from pixelray.pipelines.store import ERRORS, JOB_TABLES, Store
+from pixelray.pipelines.store import ERRORS, Store
 
 TEXT_COLUMNS = ("caption", "answer", "text")  # what a row says about its image, first found
 CONDITION = re.compile(r"^(?P<column>[\w.]+)\s*(?P<op>!=|=|~)\s*(?P<value>.*)$")
@@ -73,11 +73,8 @@ def thumbnail(path: str, side: int) -> str | None:
 def show_store(uri: str, out: str, limit: int = 200, where: list[str] | tuple[str, ...] = (), text: str | None = None,
                side: int = 192, seed: int = 0) -> Page:
     """Write the page of the store at `uri` to `out` (see the module's docstring)."""
-    manifest = Store(uri, "features").read_manifest()
-    if not manifest:
-        raise ValueError(f"{uri} is not a pixelray store: it has no pixelray.json")
+    store, manifest = Store.written(uri)
     job = manifest.get("job", "?")
-    store = Store(uri, JOB_TABLES.get(job, "features"))
     if text is not None:
         from pixelray.vector_index import open_index, query_vectors
 

@@ -59,6 +59,15 @@ class Store:
         self.fs, self.root, _ = split_uri(self.uri)
         self.quarantined: list[tuple[str, str]] = []  # (file, where it was moved): unreadable on resume
 
+    @classmethod
+    def written(cls, uri: str) -> tuple[Store, dict[str, Any]]:
+        """The store a job wrote at `uri`, on the table that job writes (JOB_TABLES), with its manifest;
+        ValueError when `uri` holds no manifest."""
+        manifest = cls(uri, "features").read_manifest()
+        if not manifest:
+            raise ValueError(f"{uri} is not a pixelray store: it has no {MANIFEST}")
+        return cls(uri, JOB_TABLES.get(manifest.get("job"), "features")), manifest
+
     def dir(self, table: str) -> str:
         return f"{self.root}/{table}"
 
