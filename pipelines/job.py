@@ -150,7 +150,7 @@ def write(build: Callable[[Pass], ray.data.Dataset], source: Source, store: Stor
                      max_task_retries, max_crashed_blocks if files else 0, job)
     if files:
         missing = lambda: ~np.isin(items, np.union1d(store.stored_ids(), skip))  # noqa: E731
-        if stats.rows + stats.errors < np.count_nonzero(~np.isin(items, np.union1d(done, skip))):  # blocks left out
+        if stats.rows + stats.errors < total:  # blocks left out
             logger.warning("note: %d items were left out with blocks whose worker died; trying each alone",
                            np.count_nonzero(missing()))
             alone = _run(build(Pass(np.union1d(store.stored_ids(), skip), max_task_retries, alone=True)), store,
