@@ -17,7 +17,7 @@ from typing import Any
 from PIL import Image
 
 from pixelray.generators.base import GenerationConfig, GenerationResult, Message, ServerGenerator, count_images
-from pixelray.generators.streaming import completion_result, stream_completion
+from pixelray.generators.streaming import completion_result, settings_of, stream_completion
 from pixelray.hybrid import Completion, HybridConfig, HybridPixelLLM, LLMServerError, PromptTemplate
 from pixelray.hybrid.summary import FeatureSummary
 
@@ -43,9 +43,7 @@ class HybridGenerator(ServerGenerator):
             except ValueError as e:
                 requests.append(e)
         completions = iter(self.hybrid.complete_all(
-            [r for r in requests if not isinstance(r, Exception)], max_tokens=config.max_new_tokens,
-            temperature=config.temperature, top_p=config.top_p if config.top_p < 1 else None, seed=config.seed,
-            stop=config.stop or None))
+            [r for r in requests if not isinstance(r, Exception)], **settings_of(config)))
         return [r if isinstance(r, Exception) else _result(next(completions)) for r in requests]
 
     def stream(self, conversation: list[Message], images: list[Image.Image],
@@ -55,9 +53,7 @@ class HybridGenerator(ServerGenerator):
         `next`, in the reader's thread)."""
         messages = to_llm_messages(conversation, self.hybrid.summarize(images) if images else [],
                                    self.hybrid.template)
-        deltas = self.hybrid.client.stream(messages, max_tokens=config.max_new_tokens, temperature=config.temperature,
-                                           top_p=config.top_p if config.top_p < 1 else None, seed=config.seed,
-                                           stop=config.stop or None)
+        deltas = self.hybrid.client.stream(messages, **settings_of(config))
         yield from stream_completion(deltas, cancel, on_cancelled)
 
 

@@ -39,7 +39,7 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from pixelray.generators.base import GenerationConfig, GenerationResult, Message, ServerGenerator, count_images
-from pixelray.generators.streaming import completion_result, stream_completion
+from pixelray.generators.streaming import completion_result, settings_of, stream_completion
 from pixelray.hybrid.client import Completion, LLMServerError, LMStudioClient, LMStudioConfig
 from pixelray.images import ImageFit
 
@@ -188,12 +188,6 @@ def to_openai_messages(conversation: list[Message], images: list[Image.Image],
                 for part in content]
         messages.append({"role": message["role"], "content": content})
     return messages
-
-
-def settings_of(config: GenerationConfig) -> dict[str, Any]:
-    """GenerationConfig -> LMStudioClient.complete's keyword arguments (OpenAI's fields)."""
-    return dict(max_tokens=config.max_new_tokens, temperature=config.temperature,
-                top_p=config.top_p if config.top_p < 1 else None, seed=config.seed, stop=config.stop or None)
 
 
 class RemoteGenerator(ServerGenerator):

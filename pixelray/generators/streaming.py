@@ -112,6 +112,12 @@ def stream_reply(generator: Generator, conversation: list[Message], images: list
     yield result
 
 
+def settings_of(config: GenerationConfig) -> dict:
+    """GenerationConfig -> the keyword arguments of LMStudioClient.complete and .stream (OpenAI's fields)."""
+    return dict(max_tokens=config.max_new_tokens, temperature=config.temperature,
+                top_p=config.top_p if config.top_p < 1 else None, seed=config.seed, stop=config.stop or None)
+
+
 def completion_result(completion: Completion) -> GenerationResult:
     """A server's chat completion as a GenerationResult."""
     return GenerationResult(text=completion.text, num_tokens=completion.completion_tokens,
