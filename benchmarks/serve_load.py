@@ -28,10 +28,12 @@ import time
 from pathlib import Path
 
 from pixelray.testing import free_port
+from pixelray.testing.prometheus import metrics_port, scrape
 
 ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("RAY_metrics_report_interval_ms", "1000")
 
 IMAGES = sorted((ROOT / "examples" / "shapes" / "images").glob("*.png"))
 APP = "bench"
@@ -95,6 +97,23 @@ def row(label: str, r: dict) -> str:
             f"{r['ok']:6d} {r['errors']:6d} {r['5xx']:5d}")
 
 
+def series(before: list, after: list, model: str, seconds: float) -> str:
+    """What Ray's metrics endpoint says of the run (pixelray.telemetry's series, as Prometheus scrapes them)."""
+    from pixelray.testing.prometheus import buckets, quantile, since, total
+
+    run = since(before, after)
+
+    def q(name: str, p: float) -> float:
+        return quantile(buckets(run, name, model=model), p)
+
+    ttft, latency = "ray_pixelray_serve_ttft_seconds", "ray_pixelray_serve_request_seconds"
+    return (f"{'':28s} scraped: {total(run, 'ray_pixelray_serve_requests_total', model=model, status='200'):.0f} "
+            f"requests, TTFT p50/p95 {q(ttft, 0.5) * 1000:.0f}/{q(ttft, 0.95) * 1000:.0f} ms, latency p50 "
+            f"{q(latency, 0.5) * 1000:.0f} ms, batch size p50/p90 {q('ray_pixelray_serve_batch_size', 0.5):.1f}/"
+            f"{q('ray_pixelray_serve_batch_size', 0.9):.1f}, "
+            f"{total(run, 'ray_pixelray_serve_tokens_total', model=model, kind='generated') / seconds:.0f} tokens/s")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="random-llava", help="random-llava, or a registry name or folder")
@@ -130,8 +149,12 @@ def main() -> None:
     for label, batch in settings:
         deploy({**base, "max_batch_size": batch, "min_replicas": 1, "max_replicas": 1})
         asyncio.run(drive(url, args.clients, 3, args.max_tokens))  # warm-up
+        time.sleep(2)  # its series reach the endpoint (RAY_metrics_report_interval_ms, 1 s here)
+        before = scrape(metrics_port())
         results[label] = asyncio.run(drive(url, args.clients, args.seconds, args.max_tokens))
         print(row(label, results[label]), flush=True)
+        time.sleep(3)
+        print(series(before, scrape(metrics_port()), args.model, args.seconds), flush=True)
     off, on = results.values()
     print(f"batching speed-up: {on['rps'] / off['rps']:.2f}x requests/s")
 

@@ -145,7 +145,7 @@ def write(build: Callable[[Pass], ray.data.Dataset], source: Source, store: Stor
         skip = np.unique(items[np.isin(images, skip)])
     excluded = np.count_nonzero(~np.isin(skip, done)) if files else 0
     total = int(np.count_nonzero(~np.isin(items, np.union1d(done, skip)))) if files else None
-    with Progress(total, unit) as progress:
+    with Progress(total, unit, job=job, store=store.uri) as progress:
         stats = _run(progress.count(build(Pass(np.union1d(done, skip), max_task_retries))), store, rows_per_file,
                      max_task_retries, max_crashed_blocks if files else 0, job)
     if files:

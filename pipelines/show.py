@@ -124,7 +124,7 @@ def _page(uri: str, job: str, manifest: dict, title: str, rows: list[dict], matc
             lines.append(f'<p class="meta">{e(", ".join(map(str, details)))}</p>')
         cards.append(f'<figure>{image}<figcaption>{"".join(lines)}</figcaption></figure>')
     figures = [f"job: pixelray {e(job)}"] + [f"{e(k)}: {e(str(v))}" for k, v in manifest.items()
-                                              if k in ("model", "encoder", "prompt", "question")]
+                                              if k in ("model", "encoder", "prompt", "question") and v is not None]
     if runs:
         last = runs[-1]
         kinds = ", ".join(f"{k} {n}" for k, n in last["errors_by_type"].items())

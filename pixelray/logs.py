@@ -30,6 +30,7 @@ HARMLESS = (  # Ray's warnings that say nothing to act on in a pixelray job
     "Token authentication is enabled",
     "Progress bars disabled",
     "is now ignored by default when packaging the working directory",
+    "does not have any available CPUs",  # the job's model pool holds them, by its plan (runtime.plan_pool)
 )
 _quiet = False
 

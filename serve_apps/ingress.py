@@ -26,12 +26,14 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from pixelray.errors import PixelrayError
 from pixelray.serve_apps import routes_openai, routes_search, routes_seed
 from pixelray.serve_apps.fetch import normal_host
+from pixelray.serve_apps.metering import Metered, note
 from pixelray.serve_apps.protocol import ErrorResponse
 from pixelray.serve_apps.server import Server
 from pixelray.serve_apps.settings import AppArgs
 
 
 async def _error(_: Request, e: PixelrayError) -> JSONResponse:
+    note(error=e.code)
     headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else {"Retry-After": "1"} if e.status == 503 else None
     return JSONResponse(ErrorResponse.of(e).model_dump(), status_code=e.status, headers=headers)
 
@@ -114,6 +116,7 @@ def create_app(server: Server) -> FastAPI:
     app.include_router(routes_openai.router)
     app.include_router(routes_search.router)
     app.add_middleware(HostCheck, allowed_hosts=server.args.allowed_hosts)
+    app.add_middleware(Metered)  # outermost: it counts what HostCheck refuses too
     return app
 
 

@@ -13,6 +13,7 @@ import re
 
 from PIL import Image
 
+from pixelray import telemetry
 from pixelray.generators import Message
 from pixelray.errors import PixelrayError
 from pixelray.images import ImageError, ImageLimits, decode_image
@@ -28,24 +29,33 @@ DECODES_AT_ONCE = 4
 _decoding = asyncio.Semaphore(DECODES_AT_ONCE)
 
 
+def refused(error: PixelrayError) -> PixelrayError:
+    """`error`, counted as an image refused (pixelray.telemetry: by its code)."""
+    telemetry.SERVE_IMAGES.inc(outcome="refused", reason=error.code)
+    return error
+
+
 async def image_from_bytes(data: bytes, limits: ImageLimits, what: str = "image") -> Image.Image:
     async with _decoding:
         try:
-            return await asyncio.to_thread(decode_image, data, limits)
+            image = await asyncio.to_thread(decode_image, data, limits)
         except ImageError as e:
-            raise ImageError(f"{what}: {e.message}", e.status, e.code) from None
+            raise refused(ImageError(f"{what}: {e.message}", e.status, e.code)) from None
+    telemetry.SERVE_IMAGES.inc(outcome="decoded", reason="")
+    return image
 
 
 async def image_from_data_url(url: str, limits: ImageLimits, what: str = "image") -> Image.Image:
     match = _DATA_URL.match(url.strip())
     if not match:
-        raise PixelrayError(f"{what}: expected a base64 data URL (data:image/png;base64,...)", 400, "bad_image_url")
+        raise refused(PixelrayError(f"{what}: expected a base64 data URL (data:image/png;base64,...)", 400,
+                                    "bad_image_url"))
     if len(match["data"]) > limits.max_bytes * 4 // 3 + 4:
-        raise PixelrayError(f"{what}: over the limit of {limits.max_bytes:,} bytes", 413, "too_large")
+        raise refused(PixelrayError(f"{what}: over the limit of {limits.max_bytes:,} bytes", 413, "too_large"))
     try:
         data = base64.b64decode(match["data"], validate=True)
     except (binascii.Error, ValueError):
-        raise PixelrayError(f"{what}: the data URL is not valid base64", 400, "bad_base64") from None
+        raise refused(PixelrayError(f"{what}: the data URL is not valid base64", 400, "bad_base64")) from None
     return await image_from_bytes(data, limits, what)
 
 
@@ -56,7 +66,10 @@ async def image_from_url(url: str, limits: ImageLimits, allowed_hosts: list[Allo
     capped, within `timeout_s`. Local paths, file:// and every other scheme are refused."""
     if url.startswith("data:"):
         return await image_from_data_url(url, limits, what)
-    data = await fetch_url(url, allowed_hosts, limits.max_bytes, timeout_s, what)
+    try:
+        data = await fetch_url(url, allowed_hosts, limits.max_bytes, timeout_s, what)
+    except PixelrayError as e:
+        raise refused(e) from None
     return await image_from_bytes(data, limits, what)
 
 

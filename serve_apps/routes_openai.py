@@ -19,6 +19,7 @@ from ray.serve.handle import DeploymentHandle
 from pixelray.errors import PixelrayError
 from pixelray.generators import GenerationConfig, Message
 from pixelray.serve_apps.inputs import openai_conversation
+from pixelray.serve_apps.metering import note
 from pixelray.serve_apps.protocol import (ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, ChunkChoice,
                                           Delta, ErrorResponse, ModelList, Usage, completion_id)
 from pixelray.serve_apps.server import Server, current, public_message
@@ -72,6 +73,7 @@ async def _events(handle: DeploymentHandle, model: str, conversation: list[Messa
             yield ChatCompletionChunk(id=cid, created=created, model=model, choices=[],
                                       usage=Usage.of(results)).event()
     except Exception as e:  # the status line is sent already: report the error as an event
-        error = PixelrayError(f"generation failed: {public_message(e)}", 500)
+        error = PixelrayError(f"generation failed: {public_message(e)}", 500, "generation_failed")
+        note(error=error.code)
         yield f"data: {ErrorResponse.of(error).model_dump_json()}\n\n"
     yield "data: [DONE]\n\n"

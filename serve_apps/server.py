@@ -16,6 +16,7 @@ from pixelray.errors import PixelrayError
 from pixelray.generators import GenerationConfig, GenerationResult, ImageFit, Message
 from pixelray.serve_apps.admission import Admission, validated
 from pixelray.serve_apps.conversations import ConversationStore
+from pixelray.serve_apps.metering import note
 from pixelray.serve_apps.settings import AppArgs
 
 if TYPE_CHECKING:  # the encoder's module loads torch and the batch jobs' modules: not needed here
@@ -51,6 +52,7 @@ class Server:
         if name not in self.models:
             raise PixelrayError(f"model {name!r} is not served here; models: {', '.join(self.models)}", 404,
                                 "model_not_found")
+        note(model=name)
         return name, self.models[name]
 
     def encoder(self, name: str) -> tuple[str, DeploymentHandle]:
@@ -59,6 +61,7 @@ class Server:
             served = f"encoders: {', '.join(self.encoders)}" if self.encoders else "no encoder is served here"
             raise PixelrayError(f"model {name!r} is not an embedding model served here; {served}", 404,
                                 "model_not_found")
+        note(model=name)
         return name, self.encoders[name]
 
     def store(self, name: str | None) -> tuple[str, DeploymentHandle]:

@@ -47,10 +47,10 @@ def model_deployment(m: ModelArgs) -> Application:
     options = dict(**m.deployment_options(deployment_name(m.name)),
                    ray_actor_options={"num_cpus": m.num_cpus, "num_gpus": m.num_gpus, **placement})
     if m.backend == "vllm":  # vLLM's engine batches continuously itself
-        return VLLMModel.options(**options).bind(m.source or m.name, dtype=m.dtype)
+        return VLLMModel.options(**options).bind(m.source or m.name, dtype=m.dtype, name=m.name)
     return VLMModel.options(**options).bind(m.source or m.name, device=m.device, dtype=m.dtype,
                                             max_batch_size=m.max_batch_size,
-                                            batch_wait_timeout_s=m.batch_wait_timeout_s)
+                                            batch_wait_timeout_s=m.batch_wait_timeout_s, name=m.name)
 
 
 def encoder_deployment(e: EncoderArgs) -> Application:

@@ -217,11 +217,11 @@ class Generator(ABC):
         BaseStreamer) is handed each step's new token ids, as `generate()` does."""
 
     def chat_items(self, conversations: list[list[Message]], images: list[list[Image.Image]],
-                   config: GenerationConfig = GenerationConfig()) -> list[GenerationResult | Exception]:
-        """`chat_batch`, with each conversation's failure as its own list item: the batch at once, and
-        if that fails, each conversation alone, so one bad item fails only itself."""
+                   config: GenerationConfig = GenerationConfig(), streamer=None) -> list[GenerationResult | Exception]:
+        """`chat_batch`, with each conversation's failure as its own list item: the batch at once (`streamer`
+        sees it), and if that fails, each conversation alone, so one bad item fails only itself."""
         try:
-            return self.chat_batch(conversations, images, config)
+            return self.chat_batch(conversations, images, config, streamer=streamer)
         except Exception as e:
             if len(conversations) == 1:
                 return [e]
@@ -282,8 +282,8 @@ class ServerGenerator(Generator):
 
     @abstractmethod
     def chat_items(self, conversations: list[list[Message]], images: list[list[Image.Image]],
-                   config: GenerationConfig = GenerationConfig()) -> list[GenerationResult | Exception]:
-        """One reply or failure per conversation."""
+                   config: GenerationConfig = GenerationConfig(), streamer=None) -> list[GenerationResult | Exception]:
+        """One reply or failure per conversation (no `streamer`: the server has the tokens)."""
 
     def chat_batch(self, conversations: list[list[Message]], images: list[list[Image.Image]],
                    config: GenerationConfig = GenerationConfig(), streamer=None) -> list[GenerationResult]:

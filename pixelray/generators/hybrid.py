@@ -31,7 +31,7 @@ class HybridGenerator(ServerGenerator):
         self.name = name or f"hybrid:{source}"
 
     def chat_items(self, conversations: list[list[Message]], images: list[list[Image.Image]],
-                   config: GenerationConfig = GenerationConfig()) -> list[GenerationResult | Exception]:
+                   config: GenerationConfig = GenerationConfig(), streamer=None) -> list[GenerationResult | Exception]:
         if len(conversations) != len(images):
             raise ValueError(f"{len(conversations)} conversations but {len(images)} image lists")
         summaries = iter(self.hybrid.summarize([im for ims in images for im in ims]) if any(images) else [])

@@ -203,7 +203,7 @@ class RemoteGenerator(ServerGenerator):
         self.fleet.close()
 
     def chat_items(self, conversations: list[list[Message]], images: list[list[Image.Image]],
-                   config: GenerationConfig = GenerationConfig()) -> list[GenerationResult | Exception]:
+                   config: GenerationConfig = GenerationConfig(), streamer=None) -> list[GenerationResult | Exception]:
         """Every conversation a request of its own, at most `max_in_flight` at a time (the images are encoded
         in the same threads); a failed request fails only its item."""
         if len(conversations) != len(images):

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterator
 
 from PIL import Image
@@ -61,6 +62,24 @@ class TokenQueue(BaseStreamer):
     def __iter__(self) -> Iterator[list[int]]:
         while (ids := self.queue.get()) is not _END:
             yield ids
+
+
+class FirstToken(BaseStreamer):
+    """A streamer that notes when `generate()` makes its first token (`at`, perf_counter seconds); in a batch
+    every row's first token comes in the same step."""
+
+    def __init__(self):
+        self.at: float | None = None
+        self.prompt_seen = False
+
+    def put(self, value) -> None:
+        if not self.prompt_seen:
+            self.prompt_seen = True
+        elif self.at is None:
+            self.at = time.perf_counter()
+
+    def end(self) -> None:
+        pass
 
 
 def stream_reply(generator: Generator, conversation: list[Message], images: list[Image.Image],

@@ -273,9 +273,11 @@ class AsyncVLLMEngine:
         self.prompts = VLLMPrompts(source, dtype, name)
         from vllm import AsyncEngineArgs
         from vllm.v1.engine.async_llm import AsyncLLM
+        from vllm.v1.metrics.ray_wrappers import RayPrometheusStatLogger
 
-        with engine_start(self.prompts.model):
-            self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**self.prompts.engine_args))
+        with engine_start(self.prompts.model):  # its own series (queue, running batch, KV cache, ...) go to Ray's metrics
+            self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**self.prompts.engine_args),
+                                                    stat_loggers=[RayPrometheusStatLogger])
         self.cancelled, self.last_cancelled_tokens = 0, 0  # requests whose caller gave up; the last one's tokens
 
     async def stream(self, conversation: list[Message], images: list[Image.Image],
@@ -295,13 +297,6 @@ class AsyncVLLMEngine:
                     yield ready[len(sent):]
                     sent = ready
         yield result_of(output, num_tokens=tokens, text=text, prompt_tokens=prompt_tokens)
-
-    async def generate(self, conversation: list[Message], images: list[Image.Image],
-                       config: GenerationConfig) -> GenerationResult:
-        async for piece in self.stream(conversation, images, config):
-            if isinstance(piece, GenerationResult):
-                return piece
-        raise AssertionError("the engine ended a request without a result")
 
     @contextmanager
     def _count_cancelled(self, tokens: Callable[[], int]) -> Iterator[None]:

@@ -5,6 +5,7 @@
 - `images`: good and bad image files, and realistic JPEG folders for benchmarks;
 - `llm_servers`: an OpenAI-shaped server on 127.0.0.1 that fails the ways real ones do;
 - `cluster`: a real two-node Ray cluster on 127.0.0.1, started with `ray start`;
+- `prometheus`: a Ray node's metrics endpoint, scraped and summed as Prometheus would;
 - `free_port()`: a free TCP port on 127.0.0.1; `wait_until(check, ...)`: poll until something is ready.
 """
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 import subprocess
 import sys
 from pathlib import Path
@@ -14,7 +15,9 @@ import pytest
 from pixelray.generators import GenerationConfig, create_generator
 from pixelray.images import decode_image, image_id
 from pixelray.pipelines.caption import CaptionConfig, run_caption
+from pixelray.testing import wait_until
 from pixelray.testing.images import write_folder
+from pixelray.testing.prometheus import metrics_port, scrape, total
 
 PIXELRAY = str(Path(sys.executable).parent / "pixelray")
 
@@ -40,6 +43,16 @@ def test_captions_match_direct_generation_and_errors_are_recorded(ray_address, t
         assert (r["caption"], r["num_tokens"]) == (expected.text, expected.num_tokens)
     errors = pq.read_table(tmp_path / "c/errors").to_pylist()
     assert {Path(e["path"]).name: e["error_type"] for e in errors} == info["errors"]
+
+    # Prometheus sees the job too: its items and error rows by type (pixelray.telemetry, Ray's metrics endpoint)
+    def counted():
+        samples = scrape(metrics_port())
+        items = total(samples, "ray_pixelray_job_items_total", job="caption", store=cfg.out)
+        kinds = {k: total(samples, "ray_pixelray_job_errors_total", store=cfg.out, error_type=k)
+                 for k in set(info["errors"].values())}
+        return items == 5 + len(info["errors"]) and kinds == Counter(info["errors"].values())
+
+    wait_until(counted, 60, "the job's series")
 
     again = run_caption(cfg.model_copy(update={"resume": True}))
     assert (again.written, again.errors, again.previously_stored) == (0, 0, 5 + len(info["errors"]))

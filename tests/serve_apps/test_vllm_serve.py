@@ -18,8 +18,9 @@ import requests
 from PIL import Image
 
 from pixelray.generators import GenerationConfig, create_generator
-from pixelray.testing import free_port
+from pixelray.testing import free_port, wait_until
 from pixelray.testing.images import random_rgb
+from pixelray.testing.prometheus import metrics_port, scrape, since, total
 
 pytest.importorskip("vllm")
 pytestmark = pytest.mark.slow
@@ -130,6 +131,8 @@ def test_concurrent_plain_and_streamed_requests_share_the_running_batch(server):
         assert r.json()["usage"]["completion_tokens"] <= body["max_tokens"]
         return r.status_code, r.json()["usage"]["completion_tokens"]
 
+    port = metrics_port()
+    before = scrape(port)
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
     try:
@@ -140,6 +143,22 @@ def test_concurrent_plain_and_streamed_requests_share_the_running_batch(server):
         watcher.join()
     assert [status for status, _ in results] == [200] * 8
     assert max(in_engine) >= 4, f"the engine never held several requests at once: {sorted(set(in_engine))}"
+
+    # Prometheus: pixelray's series for the model, and the engine's own through Ray's metrics
+    def grown(name: str, **labels: str) -> float:
+        return total(since(before, after), name, **labels)
+
+    def counted() -> bool:
+        nonlocal after
+        after = scrape(port)
+        return [grown("ray_pixelray_serve_requests_total", model="tiny-vllm", status="200"),
+                grown("ray_pixelray_serve_ttft_seconds_count", model="tiny-vllm"),
+                grown("ray_vllm_request_success_total")] == [8, 8, 8]
+
+    after: list = []
+    wait_until(counted, 60, "the series to count the requests")
+    assert {"ray_vllm_num_requests_running", "ray_vllm_num_requests_waiting", "ray_vllm_kv_cache_usage_perc"} <= \
+        {n for n, _, _ in after}
 
 
 def test_a_client_that_disconnects_cancels_its_generation(server):
