@@ -14,20 +14,17 @@ from __future__ import annotations
 import base64
 import html
 import io
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from pixelray.images import open_image
-from pixelray.pipelines.store import ERRORS, Store
+from pixelray.pipelines.store import ERRORS, Store, where_mask
 
 TEXT_COLUMNS = ("caption", "answer", "text")  # what a row says about its image, first found
-CONDITION = re.compile(r"^(?P<column>[\w.]+)\s*(?P<op>!=|=|~)\s*(?P<value>.*)$")
 
 
 @dataclass
@@ -40,22 +37,6 @@ class Page:
     def __str__(self) -> str:
         return (f"pixelray show: wrote {self.path}: {self.shown} of {self.matching} items"
                 + (f", {self.errors} error rows" if self.errors else ""))
-
-
-def where_mask(table: pa.Table, conditions: list[str]) -> pa.Array:
-    """The rows `conditions` (COLUMN=VALUE, COLUMN!=VALUE, COLUMN~TEXT) keep; ValueError for a bad one."""
-    mask = pa.array(np.ones(table.num_rows, dtype=bool))
-    for condition in conditions:
-        m = CONDITION.match(condition)
-        if m is None or m["column"] not in table.column_names:
-            known = ", ".join(c for c in table.column_names if c not in ("embedding", "patch_features"))
-            raise ValueError(f"--where {condition!r}: use COLUMN=VALUE, COLUMN!=VALUE or COLUMN~TEXT with a column "
-                             f"of the store ({known})")
-        column = pc.cast(table[m["column"]], pa.string())
-        test = (pc.match_substring(column, m["value"]) if m["op"] == "~"
-                else pc.equal(column, m["value"]) if m["op"] == "=" else pc.not_equal(column, m["value"]))
-        mask = pc.and_(mask, pc.fill_null(test, False))
-    return mask
 
 
 def thumbnail(path: str, side: int) -> str | None:

@@ -24,6 +24,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import time
 import uuid
 from dataclasses import dataclass, field
@@ -338,3 +339,22 @@ class StoreSink(Datasink[WriteStats]):
             self.stats.files += s.files
             for kind, n in s.error_types.items():
                 self.stats.error_types[kind] = self.stats.error_types.get(kind, 0) + n
+
+
+CONDITION = re.compile(r"^(?P<column>[\w.]+)\s*(?P<op>!=|=|~)\s*(?P<value>.*)$")
+
+
+def where_mask(table: pa.Table, conditions: list[str]) -> pa.Array:
+    """The rows `conditions` (COLUMN=VALUE, COLUMN!=VALUE, COLUMN~TEXT) keep; ValueError for a bad one."""
+    mask = pa.array(np.ones(table.num_rows, dtype=bool))
+    for condition in conditions:
+        m = CONDITION.match(condition)
+        if m is None or m["column"] not in table.column_names:
+            known = ", ".join(c for c in table.column_names if c not in ("embedding", "patch_features"))
+            raise ValueError(f"--where {condition!r}: use COLUMN=VALUE, COLUMN!=VALUE or COLUMN~TEXT with a column "
+                             f"of the store ({known})")
+        column = pc.cast(table[m["column"]], pa.string())
+        test = (pc.match_substring(column, m["value"]) if m["op"] == "~"
+                else pc.equal(column, m["value"]) if m["op"] == "=" else pc.not_equal(column, m["value"]))
+        mask = pc.and_(mask, pc.fill_null(test, False))
+    return mask

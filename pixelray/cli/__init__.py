@@ -153,6 +153,17 @@ def _store_parsers(sub) -> None:
     p.add_argument("store", metavar="STORE")
     p.add_argument("--rows", type=int, default=3, help="rows to show (default: 3)")
 
+    p = sub.add_parser("records", help="caption and VQA stores -> LLaVA training records for `pixelray train`",
+                       description="One record per stored caption or answer: the image, its prompt or question, "
+                                   "the reply. Cut (finish_reason length) and empty replies are left out.")
+    p.add_argument("stores", nargs="+", metavar="STORE")
+    p.add_argument("--out", required=True, help="the records file: .json (a list, as LLaVA's) or .jsonl")
+    p.add_argument("--where", action="append", default=[], metavar="COND",
+                   help="keep rows where COLUMN=VALUE, COLUMN!=VALUE or COLUMN~TEXT (repeatable)")
+    p.add_argument("--exclude", default=None, help="leave out the images a `pixelray dedup` table drops (the table, "
+                                                   "or a store holding dedup.parquet)")
+    p.add_argument("--keep-cut", action="store_true", help="keep replies cut at max_new_tokens too")
+
 
 def _cluster_parsers(sub) -> None:
     from pixelray.cluster.submit import JOBS, RUNTIME_ENV
@@ -309,6 +320,13 @@ def _run_show(args: argparse.Namespace) -> int:
     return 0
 
 
+def _run_records(args: argparse.Namespace) -> int:
+    from pixelray.pipelines.records import write_records
+
+    print(write_records(args.stores, args.out, where=args.where, exclude=args.exclude, keep_cut=args.keep_cut))
+    return 0
+
+
 def _run_inspect(args: argparse.Namespace) -> int:
     from pixelray.pipelines.inspect import inspect_store
 
@@ -369,7 +387,7 @@ def _run_jobs(args: argparse.Namespace) -> int:
 HANDLERS = {"embed": _run_embed, "caption": _run_caption, "train": _run_train, "eval": _run_eval,
             "shapes": _run_shapes, "serve": _run_serve, "models": _run_models, "submit": _run_submit,
             "index": _run_index, "search": _run_search, "dedup": _run_dedup, "inspect": _run_inspect,
-            "show": _run_show,
+            "show": _run_show, "records": _run_records,
             "jobs": _run_jobs}
 
 

@@ -275,7 +275,8 @@ class AsyncVLLMEngine:
         from vllm.v1.engine.async_llm import AsyncLLM
         from vllm.v1.metrics.ray_wrappers import RayPrometheusStatLogger
 
-        with engine_start(self.prompts.model):  # its own series (queue, running batch, KV cache, ...) go to Ray's metrics
+        # the engine's own series (queue, running batch, KV cache, ...) go out through Ray's metrics
+        with engine_start(self.prompts.model):
             self.engine = AsyncLLM.from_engine_args(AsyncEngineArgs(**self.prompts.engine_args),
                                                     stat_loggers=[RayPrometheusStatLogger])
         self.cancelled, self.last_cancelled_tokens = 0, 0  # requests whose caller gave up; the last one's tokens

@@ -76,7 +76,8 @@ def test_a_scrape_counts_the_requests_tokens_and_batches(server):
     def grown():
         after = scrape(port)
         added = since(before, after)
-        seen = {(name, labels): total(added, f"ray_pixelray_serve_{name}", **dict(labels)) for name, labels in expected}
+        seen = {(name, labels): total(added, f"ray_pixelray_serve_{name}", **dict(labels))
+                for name, labels in expected}
         return after if seen == expected else None
 
     after = wait_until(grown, 60, "the series to count the requests")

@@ -113,10 +113,16 @@ def test_a_remote_caption_job_against_the_engine(server, tiny_qwen2_vl_h128, tmp
 def test_concurrent_plain_and_streamed_requests_share_the_running_batch(server):
     url, handle = server
     in_engine, done = [], threading.Event()
+    port, engine_gauges = metrics_port(), []  # the engine's own gauges, as scraped under load
 
     def watch():
+        scraped = 0.0
         while not done.is_set():
             in_engine.append(handle.stats.remote().result()["unfinished"])
+            if time.monotonic() - scraped > 1:
+                samples, scraped = scrape(port), time.monotonic()
+                engine_gauges.append({name: total(samples, f"ray_vllm_{name}") for name in
+                                      ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc")})
             time.sleep(0.05)
 
     def one(i: int) -> tuple[int, int]:
@@ -131,7 +137,6 @@ def test_concurrent_plain_and_streamed_requests_share_the_running_batch(server):
         assert r.json()["usage"]["completion_tokens"] <= body["max_tokens"]
         return r.status_code, r.json()["usage"]["completion_tokens"]
 
-    port = metrics_port()
     before = scrape(port)
     watcher = threading.Thread(target=watch, daemon=True)
     watcher.start()
@@ -157,8 +162,8 @@ def test_concurrent_plain_and_streamed_requests_share_the_running_batch(server):
 
     after: list = []
     wait_until(counted, 60, "the series to count the requests")
-    assert {"ray_vllm_num_requests_running", "ray_vllm_num_requests_waiting", "ray_vllm_kv_cache_usage_perc"} <= \
-        {n for n, _, _ in after}
+    busiest = max(engine_gauges, key=lambda g: g["num_requests_running"])
+    assert busiest["num_requests_running"] >= 2 and busiest["kv_cache_usage_perc"] > 0, engine_gauges
 
 
 def test_a_client_that_disconnects_cancels_its_generation(server):
