@@ -16,7 +16,8 @@ from pixelray.shapes import caption_correct
 
 ROOT = Path(__file__).resolve().parents[2]
 SHAPES = ROOT / "examples" / "shapes"
-CAPTIONS = {Path(row["image"]).name: row for row in map(json.loads, (SHAPES / "captions.jsonl").read_text().splitlines())}
+CAPTIONS = {Path(row["image"]).name: row
+            for row in map(json.loads, (SHAPES / "captions.jsonl").read_text().splitlines())}
 QUESTIONS = [json.loads(line) for line in (SHAPES / "questions.jsonl").read_text().splitlines()]
 
 
