@@ -13,7 +13,6 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")  # ray.train.report in ~0.1 s, not ~2 s
-os.environ.setdefault("RAY_metrics_report_interval_ms", "1000")  # metrics reach the endpoint in ~1 s, not ~10 s
 
 from pixelray.testing.tiny_encoders import save_tiny_dinov2, save_tiny_open_clip  # noqa: E402
 from pixelray.testing.tiny_vlms import (save_tiny_llava, save_tiny_paligemma, save_tiny_pixelray,  # noqa: E402

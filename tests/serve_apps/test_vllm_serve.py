@@ -28,6 +28,7 @@ pytestmark = pytest.mark.slow
 KEY = "vllm-key"
 AUTH = {"Authorization": f"Bearer {KEY}"}
 LONG = 1500  # tokens: far longer than the test waits before it disconnects
+METRICS_REPORTED_S = 12  # a process's metrics reach Ray's endpoint within RAY_metrics_report_interval_ms (10 s)
 
 
 def png(seed: int) -> bytes:
@@ -114,6 +115,7 @@ def test_concurrent_plain_and_streamed_requests_share_the_running_batch(server):
     url, handle = server
     in_engine, done = [], threading.Event()
     port = metrics_port()
+    time.sleep(METRICS_REPORTED_S)  # the earlier tests' requests are in the first scrape, not counted as these
 
     def watch():
         while not done.is_set():
