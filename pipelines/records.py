@@ -25,10 +25,10 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
+from pixelray.llava import llava_record
 from pixelray.storage import excluded_ids, split_uri
 from pixelray.pipelines.store import Store, atomic_output, where_mask
 
-IMAGE_TAG = "<image>"  # (train_jobs.data.IMAGE_TAG: jobs do not import each other)
 REPLY_COLUMNS = {"caption": "prompt", "answer": "question"}  # a store's reply column -> the column that asked
 
 
@@ -82,9 +82,8 @@ def write_records(stores: list[str], out: str, where: list[str] | tuple[str, ...
             elif row.get("finish_reason") == "length" and not keep_cut:
                 summary.cut += 1
             else:
-                records.append({"id": row.get("item_id") or row["image_id"], "image": row["path"],
-                                "conversations": [{"from": "human", "value": f"{IMAGE_TAG}\n{row[prompt]}"},
-                                                  {"from": "gpt", "value": row[reply]}]})
+                records.append(llava_record(row.get("item_id") or row["image_id"], row["path"], row[prompt],
+                                            row[reply]))
     if not records:
         raise ValueError(f"no records: every row of {', '.join(stores)} was left out ({summary})")
     data = "".join(json.dumps(r) + "\n" for r in records) if out.endswith(".jsonl") else json.dumps(records, indent=1)

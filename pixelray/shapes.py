@@ -27,6 +27,8 @@ from pathlib import Path
 
 from PIL import Image, ImageDraw
 
+from pixelray.llava import llava_record
+
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30), "green": (30, 160, 50), "blue": (30, 70, 220),
     "yellow": (235, 200, 20), "purple": (140, 50, 180), "orange": (245, 130, 20),
@@ -137,11 +139,6 @@ def _example(index: int, seed: int) -> tuple[list[Shape], random.Random]:
     return random_scene(rng), rng
 
 
-def _record(rid: str, image: str, question: str, answer: str) -> dict:
-    return {"id": rid, "image": image, "conversations": [
-        {"from": "human", "value": f"<image>\n{question}"}, {"from": "gpt", "value": answer}]}
-
-
 def write_dataset(out: str | Path, num: int, seed: int = 0, size: int = 128, conversations_per_image: int = 4) -> Path:
     """Write `num` images and their annotations under `out`:
 
@@ -167,9 +164,9 @@ def write_dataset(out: str | Path, num: int, seed: int = 0, size: int = 128, con
         # Half of the records ask for the caption, the rest ask one of the image's questions.
         for j in range(conversations_per_image):
             q, a = (rng.choice(CAPTION_PROMPTS), text) if j % 2 == 0 else rng.choice(qa)
-            records.append(_record(f"{i:06d}-{j}", name, q, a))
+            records.append(llava_record(f"{i:06d}-{j}", name, q, a))
         for j, (q, a) in enumerate([(rng.choice(CAPTION_PROMPTS), text), *qa]):
-            vqa.append(_record(f"{i:06d}-q{j}", name, q, a))
+            vqa.append(llava_record(f"{i:06d}-q{j}", name, q, a))
     (out / "llava.json").write_text(json.dumps(records))
     (out / "vqa.json").write_text(json.dumps(vqa))
     for fname, rows in (("captions.jsonl", caps), ("questions.jsonl", qas)):

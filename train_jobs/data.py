@@ -25,11 +25,11 @@ import torch
 from pixelray.generators import DEFAULT_PROMPT
 from pixelray.generators.families import family
 from pixelray.images import ImageError, decode_image, image_id
+from pixelray.llava import IMAGE_TAG, llava_record
 from pixelray.storage import excluded_ids, read_bytes
 from pixelray.train_jobs.config import DataConfig
 
 logger = logging.getLogger(__name__)
-IMAGE_TAG = "<image>"
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 
@@ -73,7 +73,7 @@ def to_conversation(row: dict[str, Any], fmt: str, root: str) -> dict[str, Any]:
         if "text" not in row:
             raise ValueError(f"a simple-format record needs image, text (and prompt); got keys {sorted(row)}")
         prompt = row.get("prompt") or DEFAULT_PROMPT
-        turns = [{"from": "human", "value": f"{IMAGE_TAG}\n{prompt}"}, {"from": "gpt", "value": row["text"]}]
+        turns = llava_record("", "", prompt, row["text"])["conversations"]
     image = str(row["image"])
     if root and "://" not in image and not posixpath.isabs(image):
         image = posixpath.join(root, image)
