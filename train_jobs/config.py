@@ -8,6 +8,7 @@ values parsed as YAML (`true`, `1e-4`, `[a, b]`). Unknown keys are errors, here 
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Literal
 
@@ -98,6 +99,7 @@ class StageConfig(Strict):
     loss: Literal["token", "reply"] = "token"
     log_every: int = Field(10, ge=1)
     checkpoint_every: int = Field(200, ge=1)
+    eval_every: int | None = Field(None, ge=1)  # steps between validations (default: checkpoint_every)
 
     @model_validator(mode="after")
     def _parts(self) -> StageConfig:
@@ -108,6 +110,33 @@ class StageConfig(Strict):
                              "`train` (full fine-tuning) or drop `lora`")
         if frozen := sorted(set(self.part_lr) - set(self.train)):
             raise ValueError(f"stage {self.name}: part_lr names {frozen}, which this stage does not train")
+        return self
+
+
+VAL_SCORES = ("val_loss", "val_bleu4", "val_cider", "val_rouge_l", "val_exact")  # (lower is better only for the loss)
+
+
+class ValidationConfig(Strict):
+    """Held-out records, measured while training: the mean loss over all of them, and the replies the model
+    generates (greedy) for a sample of them, scored against theirs as `pixelray eval` scores captions
+    (BLEU-4, CIDEr-D, ROUGE-L) and answers (exact match after VQA normalisation)."""
+
+    records: str | list[str] | None = None  # records of their own (the formats of data.train)
+    # or this share of the training images held out: by image id, so an image's records all fall on one side
+    # and the same images are held out every run
+    fraction: float = Field(0.0, ge=0, lt=0.5)
+    generate: int = Field(0, ge=0)  # records per worker whose replies are generated and scored (0: loss only)
+    max_new_tokens: int = Field(32, ge=1)
+    best: Literal[VAL_SCORES] = "val_loss"  # the checkpoint kept as STAGE/best (least loss, or most of a score)
+
+    @model_validator(mode="after")
+    def _one_source(self) -> ValidationConfig:
+        if bool(self.records) == bool(self.fraction):
+            raise ValueError("validation needs records (held-out records) or fraction (a share held out), "
+                             "one of them")
+        if self.best != "val_loss" and not self.generate:
+            raise ValueError(f"validation.best={self.best} is a generation score: set validation.generate "
+                             "(records whose replies are generated at each evaluation)")
         return self
 
 
@@ -135,6 +164,7 @@ class TrainConfig(Strict):
     model: ModelConfig
     data: DataConfig
     stages: list[StageConfig] = Field(min_length=1)
+    validation: ValidationConfig | None = None
     deepspeed: DeepSpeedSettings = DeepSpeedSettings()
     scaling: ScalingSettings = ScalingSettings()
     seed: int = 0
@@ -146,6 +176,16 @@ class TrainConfig(Strict):
         names = [s.name for s in self.stages]
         if len(set(names)) != len(names):
             raise ValueError(f"stage names repeat: {names}")
+        return self
+
+    @model_validator(mode="after")
+    def _generation_without_zero3(self) -> TrainConfig:
+        path = self.deepspeed_path()
+        if self.validation and self.validation.generate and path.is_file() and \
+                json.loads(path.read_text()).get("zero_optimization", {}).get("stage") == 3:
+            raise ValueError("validation.generate is not offered under ZeRO-3 (generation reads parameters outside "
+                             "the forward passes that gather them): set validation.generate=0 to measure the loss "
+                             "only, or use zero2.json")
         return self
 
     def with_absolute_paths(self) -> TrainConfig:
@@ -161,6 +201,8 @@ class TrainConfig(Strict):
         for section, keys in (("model", ("path", "text", "tokenizer")), ("data", ("train", "image_root", "exclude"))):
             for key in keys:
                 tree[section][key] = fix(tree[section][key])
+        if tree["validation"]:
+            tree["validation"]["records"] = fix(tree["validation"]["records"])
         for stage in tree["stages"]:
             stage["data"] = fix(stage["data"])
         tree["deepspeed"]["config"] = str(self.deepspeed_path().resolve())

@@ -63,6 +63,22 @@ def read_records(cfg: DataConfig) -> ray.data.Dataset:
     return ds
 
 
+def held_out(image: str, fraction: float) -> bool:
+    """Whether `data.val_fraction` holds this image out of training: by its image id (a hash of its path),
+    so the same images every run, and an image's records all on one side."""
+    return int(image_id(posixpath.normpath(image))[:8], 16) < fraction * 16**8
+
+
+def split_held_out(ds: ray.data.Dataset, fraction: float) -> tuple[ray.data.Dataset, ray.data.Dataset]:
+    """(training records, validation records) of `ds`, split by `held_out`."""
+    import pyarrow as pa
+
+    def side(batch, val: bool):
+        return batch.filter(pa.array([held_out(p, fraction) == val for p in batch.column("image").to_pylist()]))
+
+    return tuple(ds.map_batches(side, batch_format="pyarrow", fn_kwargs={"val": val}) for val in (False, True))
+
+
 def to_conversation(row: dict[str, Any], fmt: str, root: str) -> dict[str, Any]:
     """One record (LLaVA or simple format) -> {id, image, conversations}."""
     if fmt == "auto":

@@ -23,7 +23,8 @@ from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmu
 from pixelray.train_jobs.config import StageConfig, TrainConfig
 from pixelray.train_jobs.data import make_collator
 from pixelray.train_jobs.model import (apply_stage, export_model, load_model, param_groups, parameter_table,
-                                       reply_mean_loss)
+                                       stage_loss, to_device)
+from pixelray.train_jobs.validation import validate
 
 CHECKPOINT_TAG = "deepspeed"
 logger = logging.getLogger(__name__)
@@ -79,7 +80,11 @@ def train_loop(loop_config: dict[str, Any]) -> None:
 
     # 3. Train: every worker takes the same number of micro-batches from its shard, so the
     #    collective calls line up; a resumed epoch skips (without decoding) what was already seen.
+    #    With validation records, the model is measured on them every `eval_every` steps and at each
+    #    checkpoint (Ray keeps the best checkpoint by `validation.best`, beside the last).
     shard = ray.train.get_dataset_shard(f"train_{rank}")
+    val_shard = ray.train.get_dataset_shard(f"val_{rank}") if cfg.validation else None
+    eval_every = stage.eval_every or stage.checkpoint_every
     tracker = _tracker(cfg, stage) if rank == 0 else None
     step, started, losses = state["step"], time.perf_counter(), []
     while step < total_steps:
@@ -91,13 +96,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         for micro, batch in enumerate(batches):
             if micro < skip:
                 continue
-            inputs = {k: v.to(device, dtype) if v.is_floating_point() else v.to(device)
-                      for k, v in collate(batch).items()}
-            if stage.loss == "reply":
-                labels = inputs.pop("labels")
-                loss = reply_mean_loss(engine(**inputs).logits, labels)
-            else:
-                loss = engine(**inputs).loss
+            loss = stage_loss(engine, to_device(collate(batch), device, dtype), stage.loss)
             engine.backward(loss)
             engine.step()
             losses.append(loss.detach().float())
@@ -108,7 +107,9 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                 Path(cfg.fault.marker).touch()
                 raise RuntimeError(f"fault drill: worker 0 fails at step {step}")
             last = step == total_steps or step % steps_per_epoch == 0
-            if step % stage.log_every == 0 or step % stage.checkpoint_every == 0 or last:
+            save = step % stage.checkpoint_every == 0 or step == total_steps
+            evaluate = val_shard is not None and (step % eval_every == 0 or save)
+            if step % stage.log_every == 0 or save or last or evaluate:
                 mean = torch.stack(losses).mean()
                 if world > 1:
                     dist.all_reduce(mean, op=dist.ReduceOp.AVG)
@@ -116,12 +117,15 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                 metrics = {"stage": stage.name, "step": step, "epoch": step / steps_per_epoch,
                            "loss": round(mean.item(), 6), "lr": scheduler.get_last_lr()[0],
                            "samples_per_s": round(samples / (time.perf_counter() - started), 2)}
+                if evaluate:
+                    metrics.update(validate(engine, val_shard, collate, getattr(processing, "tokenizer", processing),
+                                            cfg.validation, stage, device, dtype, world))
                 state["history"].append(metrics)
                 state["step"] = step
                 if tracker:
                     tracker(metrics)
-                save = step % stage.checkpoint_every == 0 or step == total_steps
-                export = (cfg, init_from, stage, processing) if step == total_steps else None
+                # the last checkpoint holds the model; with validation every one does (any may be the best)
+                export = (cfg, init_from, stage, processing) if step == total_steps or (save and evaluate) else None
                 _report(engine, state, rank, metrics, save, export)
                 started, losses = time.perf_counter(), []
             if last:

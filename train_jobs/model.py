@@ -181,6 +181,19 @@ def reply_mean_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return (sums / counts).mean()
 
 
+def to_device(inputs: dict[str, torch.Tensor], device: torch.device, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """A collated batch on the device, its floating-point tensors (the pixels) in the model's dtype."""
+    return {k: v.to(device, dtype) if v.is_floating_point() else v.to(device) for k, v in inputs.items()}
+
+
+def stage_loss(model, inputs: dict[str, torch.Tensor], kind: str) -> torch.Tensor:
+    """The stage's loss (StageConfig.loss): the mean over every reply token, or each reply's mean, then their mean."""
+    if kind == "reply":
+        labels = inputs.pop("labels")
+        return reply_mean_loss(model(**inputs).logits, labels)
+    return model(**inputs).loss
+
+
 def export_model(state: dict[str, torch.Tensor], cfg: ModelConfig, source: str | None, stage: StageConfig,
                  processing: Any, out: Path) -> Path:
     """Write the trained model (`state`, the full state dict of the trained module) as a folder that

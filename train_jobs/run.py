@@ -33,8 +33,8 @@ import ray
 import ray.train
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from pixelray.train_jobs.config import ContrastiveConfig, TrainConfig
-from pixelray.train_jobs.data import PixelRayCollator, check_lengths, read_records
+from pixelray.train_jobs.config import ContrastiveConfig, TrainConfig, ValidationConfig
+from pixelray.train_jobs.data import PixelRayCollator, check_lengths, read_records, split_held_out
 from pixelray.train_jobs.loop import train_loop
 
 logger = logging.getLogger(__name__)
@@ -82,11 +82,15 @@ def run_training(cfg: TrainConfig | ContrastiveConfig, resume: bool = False, ove
             continue
         source = json.dumps(stage.data or cfg.data.train)
         if source not in datasets:
-            datasets[source] = read_records(cfg.data.model_copy(update={"train": json.loads(source)})).materialize()
+            datasets[source] = _records(cfg, json.loads(source))
             if cfg.model.family == "pixelray":  # once per data source: stages keep the tokenizer and image size
-                logger.info("stage %s: token lengths %s", stage.name, _check_lengths(cfg, datasets[source], init_from))
-        ds = datasets[source]
+                for part in filter(None, datasets[source]):
+                    logger.info("stage %s: token lengths %s", stage.name, _check_lengths(cfg, part, init_from))
+        ds, val = datasets[source]
         records = ds.count()
+        if val is not None and val.count() < cfg.scaling.num_workers:
+            raise ValueError(f"stage {stage.name}: {val.count()} validation records, fewer than the "
+                             f"{cfg.scaling.num_workers} workers that share them")
         per_worker = records // cfg.scaling.num_workers
         steps_per_epoch = per_worker // stage.batch_size // stage.grad_accum
         if steps_per_epoch == 0:
@@ -107,12 +111,13 @@ def run_training(cfg: TrainConfig | ContrastiveConfig, resume: bool = False, ove
             torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
             run_config=ray.train.RunConfig(name=stage.name, storage_path=str(out),
                                            failure_config=ray.train.FailureConfig(max_failures=cfg.scaling.max_failures),
-                                           checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
+                                           checkpoint_config=_checkpoints(cfg.validation)),
             # A fixed split of the materialized records, one dataset per rank, read in order: rank r
             # sees the same rows in the same order on every run, so a resumed run sees exactly the
             # batches the interrupted one would have. (Ray Train's own streaming split hands blocks
             # to whichever worker asks first, which differs from run to run.)
-            datasets={f"train_{rank}": part for rank, part in enumerate(ds.split(cfg.scaling.num_workers, equal=True))},
+            datasets={f"{kind}_{rank}": part for kind, d in (("train", ds), ("val", val)) if d is not None
+                      for rank, part in enumerate(d.split(cfg.scaling.num_workers, equal=True))},
             dataset_config=ray.train.DataConfig(datasets_to_split=[], execution_options=_ordered()),
         )
         result = trainer.fit()
@@ -126,10 +131,44 @@ def run_training(cfg: TrainConfig | ContrastiveConfig, resume: bool = False, ove
         init_from = str(stage_dir / ("model" if (stage_dir / "model").is_dir() else "adapter"))
         summary["stages"][stage.name] = {"records": records, "steps": total_steps, "seconds": round(seconds, 1),
                                          "final_loss": state["history"][-1]["loss"], "model": init_from}
+        if val is not None:
+            summary["stages"][stage.name].update(val_records=val.count(),
+                                                 best=_keep_best(result, stage_dir, cfg.validation))
         logger.info("stage %s: %d steps in %.0f s, loss %.4f -> %.4f; model in %s", stage.name, total_steps, seconds,
                     state["history"][0]["loss"], state["history"][-1]["loss"], init_from)
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
+
+
+def _records(cfg: TrainConfig, source: str | list[str]) -> tuple[ray.data.Dataset, ray.data.Dataset | None]:
+    """A stage's (training records, validation records or None), materialised."""
+    ds, val = read_records(cfg.data.model_copy(update={"train": source})), cfg.validation
+    if val and val.fraction:
+        train, held = split_held_out(ds, val.fraction)
+        return train.materialize(), held.materialize()
+    if val:
+        return ds.materialize(), read_records(cfg.data.model_copy(update={"train": val.records})).materialize()
+    return ds.materialize(), None
+
+
+def _checkpoints(val: ValidationConfig | None) -> ray.train.CheckpointConfig:
+    """The last two checkpoints; with validation, the best by `validation.best` too (Ray keeps the last anyway)."""
+    if not val:
+        return ray.train.CheckpointConfig(num_to_keep=2)
+    return ray.train.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=val.best,
+                                      checkpoint_score_order="min" if val.best == "val_loss" else "max")
+
+
+def _keep_best(result, stage_dir: Path, val: ValidationConfig) -> dict[str, Any]:
+    """Copy the best checkpoint's model (by `validation.best`) to STAGE/best/; its step and scores."""
+    sign = 1 if val.best == "val_loss" else -1
+    checkpoint, metrics = min(result.best_checkpoints, key=lambda cm: sign * cm[1][val.best])
+    with checkpoint.as_directory() as d:
+        for name in ("model", "adapter"):
+            if (Path(d) / name).is_dir():
+                shutil.copytree(Path(d) / name, stage_dir / "best" / name, dirs_exist_ok=True)
+    return {"step": metrics["step"], "path": str(stage_dir / "best"),
+            **{k: v for k, v in metrics.items() if k.startswith("val_")}}
 
 
 def _ordered():
@@ -156,8 +195,8 @@ def _last_checkpoint(stage_dir: Path) -> str | None:
 def write_metrics(history: list[dict[str, Any]], stage_dir: Path) -> None:
     """metrics.csv and loss.png (matplotlib, without a display) next to the stage's checkpoints."""
     stage_dir.mkdir(parents=True, exist_ok=True)
-    with open(stage_dir / "metrics.csv", "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(history[0]))
+    with open(stage_dir / "metrics.csv", "w", newline="") as f:  # (val_loss only on the rows that measured it)
+        writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for h in history for k in h)))
         writer.writeheader()
         writer.writerows(history)
     import matplotlib
@@ -166,7 +205,10 @@ def write_metrics(history: list[dict[str, Any]], stage_dir: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    ax.plot([h["step"] for h in history], [h["loss"] for h in history])
+    ax.plot([h["step"] for h in history], [h["loss"] for h in history], label="training")
+    if val := [h for h in history if "val_loss" in h]:
+        ax.plot([h["step"] for h in val], [h["val_loss"] for h in val], marker="o", label="validation")
+        ax.legend()
     ax.set(xlabel="step", ylabel="loss", title=f"stage {history[0]['stage']}", yscale="log")
     ax.grid(alpha=0.3)
     fig.tight_layout()

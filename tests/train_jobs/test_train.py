@@ -23,7 +23,7 @@ from pydantic import ValidationError
 from pixelray.images import image_id
 from pixelray.shapes import train_tokenizer, write_dataset
 from pixelray.train_jobs.config import LoraSettings, StageConfig, load_config
-from pixelray.train_jobs.data import PixelRayCollator, make_collator, read_records, to_messages
+from pixelray.train_jobs.data import PixelRayCollator, held_out, make_collator, read_records, to_messages
 from pixelray.train_jobs.model import apply_stage, load_model, param_groups, parameter_table, part_of, reply_mean_loss
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -171,6 +171,36 @@ def _history(stage_dir: Path) -> list[dict]:
         return list(csv.DictReader(f))
 
 
+def test_validation_settings_are_checked(tmp_path, shapes_data):
+    for overrides, message in ((["validation.fraction=0.2", "validation.records=x.json"], "one of them"),
+                               (["validation.generate=0"], "one of them"),
+                               (["validation.fraction=0.2", "validation.best=val_cider"], "generation score")):
+        with pytest.raises(ValidationError, match=message):
+            debug_config(tmp_path, shapes_data, *overrides)
+
+
+def test_replies_generated_from_records_are_the_captioners(shapes_data):
+    """The bundled (trained) shapes model: each record's prompt, cut where its reply starts, gives the reply
+    `pixelray caption` generates for that image and prompt; the reference is the record's reply."""
+    from pixelray.generators import BUNDLED, GenerationConfig, create_generator
+    from pixelray.train_jobs.config import ModelConfig
+    from pixelray.train_jobs.validation import generated_replies, reply_scores
+
+    model, tokenizer = load_model(ModelConfig(family="pixelray", path=str(BUNDLED / "shapes-demo")))
+    records = json.loads((shapes_data / "llava.json").read_text())[:8]  # captions and questions
+    pairs = generated_replies(model.eval(), numpy_batch(records, shapes_data), make_collator(model, tokenizer, 128),
+                              tokenizer, torch.device("cpu"), torch.float32, 24)
+    captioner = create_generator("shapes-demo", device="cpu")
+    for record, (generated, reference) in zip(records, pairs, strict=True):
+        prompt = to_messages(record["conversations"])[0]["content"][-1]["text"]
+        [expected] = captioner.generate([shapes_data / record["image"]], prompt, GenerationConfig(max_new_tokens=24))
+        assert (generated, reference) == (expected.text, record["conversations"][1]["value"])
+    scores = reply_scores(pairs)
+    assert scores["val_exact"] >= 0.75 and scores["val_cider"] > 1  # a trained model: most replies are right
+    assert reply_scores([("a red star", "a red star")])["val_exact"] == 1
+    assert reply_scores([("Two.", "2")])["val_exact"] == 1 and reply_scores([("no", "yes")])["val_exact"] == 0
+
+
 @pytest.mark.slow
 def test_two_stages_zero2_two_workers(ray_address, shapes_data, tmp_path):
     from pixelray.generators import create_generator
@@ -178,12 +208,23 @@ def test_two_stages_zero2_two_workers(ray_address, shapes_data, tmp_path):
     from pixelray.vlm import PixelRayForConditionalGeneration
 
     # stage 2 reads its own records (the question-heavy vqa.json) with the loss averaged per reply
+    # held-out records scored by the replies generated for them, 2 per worker (best: the most CIDEr)
     cfg = debug_config(tmp_path / "run", shapes_data, "stages.1.max_steps=10", "stages.1.lr=3e-3",
                        "deepspeed.config=zero2.json", f"stages.1.data={shapes_data / 'vqa.json'}",
-                       "stages.1.loss=reply")
+                       "stages.1.loss=reply", f"validation.records={shapes_data / 'llava.json'}",
+                       "validation.generate=2", "validation.max_new_tokens=4", "validation.best=val_cider")
     summary = run_training(cfg)
     s1, s2 = (tmp_path / "run" / s for s in ("stage1", "stage2"))
     history = _history(s2)
+    scored = [h for h in history if h["val_loss"]]
+    assert [int(h["step"]) for h in scored] == [2, 4, 6, 8, 10]
+    for h in scored:  # 4 replies scored each time: val_exact is a multiple of 1/4
+        assert float(h["val_cider"]) >= 0 and float(h["val_exact"]) * 4 in (0, 1, 2, 3, 4)
+    best = max(scored, key=lambda h: float(h["val_cider"]))  # (the first of equals, as Ray keeps it)
+    assert summary["stages"]["stage2"]["best"]["val_cider"] == float(best["val_cider"])
+    with pytest.raises(ValidationError, match="not offered under ZeRO-3"):
+        debug_config(tmp_path, shapes_data, "deepspeed.config=zero3.json", "validation.fraction=0.25",
+                     "validation.generate=2")
     assert float(history[-1]["loss"]) < float(history[0]["loss"]) - 0.5
     assert (s1 / "loss.png").stat().st_size > 1000 and summary["stages"]["stage2"]["steps"] == 10
     first, second = (PixelRayForConditionalGeneration.from_pretrained(s / "model") for s in (s1, s2))
@@ -200,19 +241,33 @@ def test_two_stages_zero2_two_workers(ray_address, shapes_data, tmp_path):
 
 
 @pytest.mark.slow
-def test_zero3_lora_adapter_round_trip(ray_address, shapes_data, tmp_path):
+def test_zero3_lora_adapter_round_trip_with_validation(ray_address, shapes_data, tmp_path):
+    """ZeRO-3 on two workers, LoRA in stage 2; a quarter of the images held out, their loss measured while
+    training (every worker as many forward passes, as ZeRO-3's gathers need)."""
     from peft import PeftModel
 
     from pixelray.train_jobs.run import run_training
     from pixelray.vlm import PixelRayForConditionalGeneration
 
     cfg = debug_config(tmp_path / "run", shapes_data, "deepspeed.config=zero3.json", "stages.1.train=[projector]",
-                       "stages.1.lora={r: 4, alpha: 8}", "stages.1.max_steps=8", "stages.1.lr=3e-3")
-    run_training(cfg)
+                       "stages.1.lora={r: 4, alpha: 8}", "stages.1.max_steps=8", "stages.1.lr=3e-3",
+                       "stages.1.eval_every=3", "validation.fraction=0.25")
+    summary = run_training(cfg)["stages"]["stage2"]
     s1, s2 = (tmp_path / "run" / s for s in ("stage1", "stage2"))
     history = _history(s2)
     assert float(history[-1]["loss"]) < float(history[0]["loss"])
     assert (s2 / "adapter" / "adapter_config.json").is_file()
+
+    # validation: the held-out images' records, never trained on
+    records = json.loads((shapes_data / "llava.json").read_text())
+    held = [r for r in records if held_out(str(shapes_data / r["image"]), 0.25)]
+    assert 0 < summary["val_records"] == len(held) and summary["records"] == len(records) - len(held)
+    measured = {int(h["step"]): float(h["val_loss"]) for h in history if h["val_loss"]}
+    assert sorted(measured) == [2, 3, 4, 6, 8]  # every eval_every steps, and at each checkpoint
+    # the best checkpoint (steps 2, 4, 6, 8) by validation loss, kept beside the last
+    assert summary["best"]["step"] == min((2, 4, 6, 8), key=measured.get)
+    assert summary["best"]["val_loss"] == measured[summary["best"]["step"]]
+    assert (s2 / "best" / "adapter" / "adapter_config.json").is_file() and (s2 / "best" / "model").is_dir()
     # base (stage 1) + adapter, merged by peft == the merged model the run exported
     base = PixelRayForConditionalGeneration.from_pretrained(s1 / "model")
     merged = PeftModel.from_pretrained(base, s2 / "adapter").merge_and_unload()
