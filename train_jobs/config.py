@@ -139,6 +139,11 @@ class ValidationConfig(Strict):
                              "(records whose replies are generated at each evaluation)")
         return self
 
+    @property
+    def best_order(self) -> Literal["min", "max"]:
+        """How `best` ranks checkpoints: the least loss, or the most of a score."""
+        return "min" if self.best == "val_loss" else "max"
+
 
 class DeepSpeedSettings(Strict):
     config: str = "zero2.json"  # a file in train_jobs/deepspeed/ or a path

@@ -64,7 +64,7 @@ def read_records(cfg: DataConfig) -> ray.data.Dataset:
 
 
 def held_out(image: str, fraction: float) -> bool:
-    """Whether `data.val_fraction` holds this image out of training: by its image id (a hash of its path),
+    """Whether `validation.fraction` holds this image out of training: by its image id (a hash of its path),
     so the same images every run, and an image's records all on one side."""
     return int(image_id(posixpath.normpath(image))[:8], 16) < fraction * 16**8
 

@@ -156,13 +156,13 @@ def _checkpoints(val: ValidationConfig | None) -> ray.train.CheckpointConfig:
     if not val:
         return ray.train.CheckpointConfig(num_to_keep=2)
     return ray.train.CheckpointConfig(num_to_keep=1, checkpoint_score_attribute=val.best,
-                                      checkpoint_score_order="min" if val.best == "val_loss" else "max")
+                                      checkpoint_score_order=val.best_order)
 
 
 def _keep_best(result, stage_dir: Path, val: ValidationConfig) -> dict[str, Any]:
     """Copy the best checkpoint's model (by `validation.best`) to STAGE/best/; its step and scores."""
-    sign = 1 if val.best == "val_loss" else -1
-    checkpoint, metrics = min(result.best_checkpoints, key=lambda cm: sign * cm[1][val.best])
+    pick = min if val.best_order == "min" else max
+    checkpoint, metrics = pick(result.best_checkpoints, key=lambda cm: cm[1][val.best])
     with checkpoint.as_directory() as d:
         for name in ("model", "adapter"):
             if (Path(d) / name).is_dir():
@@ -195,7 +195,7 @@ def _last_checkpoint(stage_dir: Path) -> str | None:
 def write_metrics(history: list[dict[str, Any]], stage_dir: Path) -> None:
     """metrics.csv and loss.png (matplotlib, without a display) next to the stage's checkpoints."""
     stage_dir.mkdir(parents=True, exist_ok=True)
-    with open(stage_dir / "metrics.csv", "w", newline="") as f:  # (val_loss only on the rows that measured it)
+    with open(stage_dir / "metrics.csv", "w", newline="") as f:  # (val_* only on the rows that measured them)
         writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for h in history for k in h)))
         writer.writeheader()
         writer.writerows(history)
