@@ -40,11 +40,8 @@ demo: $(STAMP)
 	$(BIN)/pixelray index runs/demo-features
 	$(BIN)/pixelray search runs/demo-features --text "a red star" -k 5
 
-# Two pytest processes (pytest-xdist), each with its own Ray instance, a test file to each in turn: the tests
-# spend much of their time starting processes and loading models on one core, and CI machines have two.
-TEST_JOBS ?= 2
 test: $(STAMP)
-	$(BIN)/python -m pytest -n $(TEST_JOBS) --dist loadfile tests
+	$(BIN)/python -m pytest tests
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest tests -m "not slow"

@@ -72,6 +72,7 @@ class PixelRayForConditionalGeneration(PreTrainedModel):
     base_model_prefix = "pixelray"
     main_input_name = "input_ids"
     _supports_sdpa = True
+    supports_gradient_checkpointing = True
 
     def __init__(self, config: PixelRayConfig):
         super().__init__(config)
@@ -93,6 +94,12 @@ class PixelRayForConditionalGeneration(PreTrainedModel):
         if isinstance(module, nn.Linear) and any(module is m for m in self.projector):
             nn.init.normal_(module.weight, std=0.02)
             nn.init.zeros_(module.bias)
+
+    def gradient_checkpointing_enable(self, gradient_checkpointing_kwargs: dict[str, Any] | None = None) -> None:
+        """Recompute activations in the backward pass instead of keeping them: the language model's layers
+        (transformers' checkpointing) and the vision tower's blocks (open_clip's)."""
+        self.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs)
+        self.vision.set_grad_checkpointing(True)
 
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[images, 3, H, W] -> [images, num_patches, LM width]."""

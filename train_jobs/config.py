@@ -9,6 +9,7 @@ values parsed as YAML (`true`, `1e-4`, `[a, b]`). Unknown keys are errors, here 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Any, Literal
 
@@ -41,6 +42,8 @@ class ModelConfig(Strict):
     text: str | dict[str, Any] | None = None
     tokenizer: str | None = None
     quantization: QuantizationName | None = None  # hf family only; needs CUDA (bitsandbytes)
+    # recompute each layer's activations in the backward pass instead of keeping them: less memory, more compute
+    gradient_checkpointing: bool = False
 
     @model_validator(mode="after")
     def _source(self) -> ModelConfig:
@@ -67,6 +70,8 @@ class DataConfig(Strict):
     shuffle_buffer: int = Field(1000, ge=0)  # rows; 0 keeps the file order
     # a `pixelray dedup` table (Parquet): records of the images it does not keep are left out
     exclude: str | None = None
+    # pixelray family: a batch's records packed into rows of up to max_length tokens, each attending only to itself
+    packing: bool = False
 
 
 class LoraSettings(Strict):
@@ -113,6 +118,16 @@ class StageConfig(Strict):
         return self
 
 
+def lr_factor(step: int, warmup_steps: int, total_steps: int, min_lr_ratio: float) -> float:
+    """The share of the peak learning rate at `step`: a linear warm-up from 0, then a cosine down to `min_lr_ratio`
+    at `total_steps`, as transformers' get_cosine_with_min_lr_schedule_with_warmup gives it, for torch's
+    LambdaLR (importing transformers.optimization costs every training process 5 s: it imports peft)."""
+    if step < warmup_steps:
+        return step / warmup_steps
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
 VAL_SCORES = ("val_loss", "val_bleu4", "val_cider", "val_rouge_l", "val_exact")  # (lower is better only for the loss)
 
 
@@ -146,8 +161,14 @@ class ValidationConfig(Strict):
 
 
 class DeepSpeedSettings(Strict):
+    """The ZeRO config file, the precision, and ZeRO-Offload: the optimizer's state and step (ZeRO-2 or 3), and
+    with ZeRO-3 the parameters too, kept in CPU memory instead of the accelerator's (DeepSpeed's
+    offload_optimizer and offload_param, device cpu)."""
+
     config: str = "zero2.json"  # a file in train_jobs/deepspeed/ or a path
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"  # fp16 needs CUDA
+    offload_optimizer: bool = False
+    offload_params: bool = False  # ZeRO-3 only
 
 
 class ScalingSettings(Strict):
@@ -184,10 +205,25 @@ class TrainConfig(Strict):
         return self
 
     @model_validator(mode="after")
-    def _generation_without_zero3(self) -> TrainConfig:
-        path = self.deepspeed_path()
-        if self.validation and self.validation.generate and path.is_file() and \
-                json.loads(path.read_text()).get("zero_optimization", {}).get("stage") == 3:
+    def _packing(self) -> TrainConfig:
+        if self.data.packing and self.model.family != "pixelray":
+            raise ValueError("data.packing is for the pixelray family (its language model takes packed rows by "
+                             "their position ids); the hf family's processors and position schemes are trained "
+                             "unpacked")
+        return self
+
+    @model_validator(mode="after")
+    def _zero_stage(self) -> TrainConfig:
+        stage = self.zero_stage()
+        if stage is None:  # a file only the cluster has: DeepSpeed reads it there
+            return self
+        if self.deepspeed.offload_params and stage != 3:
+            raise ValueError(f"deepspeed.offload_params needs ZeRO-3 (zero3.json); {self.deepspeed.config} is "
+                             f"ZeRO stage {stage}")
+        if self.deepspeed.offload_optimizer and stage not in (2, 3):
+            raise ValueError(f"deepspeed.offload_optimizer needs ZeRO-2 or ZeRO-3; {self.deepspeed.config} is "
+                             f"ZeRO stage {stage}")
+        if self.validation and self.validation.generate and stage == 3:
             raise ValueError("validation.generate is not offered under ZeRO-3 (generation reads parameters outside "
                              "the forward passes that gather them): set validation.generate=0 to measure the loss "
                              "only, or use zero2.json")
@@ -217,6 +253,11 @@ class TrainConfig(Strict):
     def deepspeed_path(self) -> Path:
         path = Path(self.deepspeed.config)
         return path if path.is_file() else DEEPSPEED_DIR / path
+
+    def zero_stage(self) -> int | None:
+        """The ZeRO stage of the DeepSpeed config file (None while the file is not there to read)."""
+        path = self.deepspeed_path()
+        return json.loads(path.read_text()).get("zero_optimization", {}).get("stage", 0) if path.is_file() else None
 
 
 class ClipModelSettings(Strict):

@@ -41,7 +41,7 @@ from ray.train.torch import TorchConfig, TorchTrainer
 
 from pixelray.encoders import open_clip_preprocess_cfg, open_clip_transform
 from pixelray.shapes import descriptions
-from pixelray.train_jobs.config import CaptionDataConfig, ClipModelSettings, ContrastiveConfig
+from pixelray.train_jobs.config import CaptionDataConfig, ClipModelSettings, ContrastiveConfig, lr_factor
 
 RUN_NAME = "clip"
 logger = logging.getLogger(__name__)
@@ -128,7 +128,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     rest = [p for n, p in clip.named_parameters() if not (p.ndim >= 2 and "logit_scale" not in n)]
     optimizer = torch.optim.AdamW([{"params": decay, "weight_decay": sched.weight_decay},
                                    {"params": rest, "weight_decay": 0.0}], lr=sched.lr, betas=(0.9, 0.98), eps=1e-6)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: _lr_factor(step, sched))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, sched.warmup_steps, sched.max_steps, sched.min_lr_ratio))
 
     # 4. Data: every image preprocessed and every text tokenised once, held in memory.
     data = CaptionPairs(cfg.data, preprocess, cfg.model.config["text_cfg"].get("context_length", 77))
@@ -180,15 +181,6 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         save = step % sched.checkpoint_every == 0 or step == sched.max_steps
         _report(clip, optimizer, scheduler, state, metrics, rank, save, cfg.model, preprocess)
         started, losses = time.perf_counter(), []
-
-
-def _lr_factor(step: int, sched) -> float:
-    """Linear warm-up from 0, then cosine decay to min_lr_ratio of the peak (as the VLM recipe's
-    transformers schedule; torch's LambdaLR spares the workers importing transformers)."""
-    if step < sched.warmup_steps:
-        return step / sched.warmup_steps
-    progress = min(1.0, (step - sched.warmup_steps) / max(1, sched.max_steps - sched.warmup_steps))
-    return sched.min_lr_ratio + (1 - sched.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def _report(clip, optimizer, scheduler, state: dict, metrics: dict, rank: int, save: bool,

@@ -1,7 +1,7 @@
 """Training data: LLaVA conversations or simple {image, text, prompt} records, streamed with Ray Data,
 and the collators that turn a batch of records into model inputs with labels.
 
-    ds = read_records(cfg.data)               # columns: id, image (path or URI), conversations, data (bytes)
+    ds = read_records(cfg.data)               # columns: id, images (paths or URIs), conversations, data (bytes)
     collate = make_collator(model, processing, max_length=512)
     batch = collate(rows)                     # input_ids, attention_mask, labels, pixel_values, ...
 
@@ -13,6 +13,7 @@ empty sample; a reply cut by `max_length` trains on what is left.
 
 from __future__ import annotations
 
+import json
 import logging
 import posixpath
 from pathlib import Path
@@ -46,15 +47,17 @@ def _files(paths: str | list[str]) -> tuple[list[str], str]:
 
 
 def read_records(cfg: DataConfig) -> ray.data.Dataset:
-    """Records in either format -> rows {id, image, conversations, data}: `image` resolved against
-    `image_root` (default: the data file's folder), `data` the image file's bytes (read in Ray tasks)."""
+    """Records in either format -> rows {id, images, conversations, data}: `images` the record's image paths
+    (one, or several in the order of their `<image>` tags) resolved against `image_root` (default: the data
+    file's folder), `data` the image files' bytes (read in Ray tasks)."""
     paths, kind = _files(cfg.train)
-    if kind == "parquet":
-        ds = ray.data.read_parquet(paths)
-    else:
-        ds = ray.data.read_json(paths, lines=kind == "jsonl")
     root = cfg.image_root or posixpath.dirname(paths[0].rstrip("/"))
-    ds = ds.map(to_conversation, fn_kwargs={"fmt": cfg.format, "root": root})
+    convert = {"fmt": cfg.format, "root": root}
+    if kind == "parquet":  # (a Parquet column has one type: paths, or lists of them)
+        ds = ray.data.read_parquet(paths).map(to_conversation, fn_kwargs=convert)
+    else:  # JSON is parsed here, not by Arrow, whose columns cannot hold a path in one record and a list in the next
+        read = ray.data.read_text(paths) if kind == "jsonl" else ray.data.read_binary_files(paths)
+        ds = read.flat_map(parsed_records, fn_kwargs=convert)
     if cfg.exclude:
         ds = ds.map_batches(not_excluded, batch_format="pyarrow", fn_kwargs={"drop": excluded_ids(cfg.exclude)})
     ds = ds.map_batches(read_image_bytes, batch_format="pyarrow")
@@ -65,7 +68,8 @@ def read_records(cfg: DataConfig) -> ray.data.Dataset:
 
 def held_out(image: str, fraction: float) -> bool:
     """Whether `validation.fraction` holds this image out of training: by its image id (a hash of its path),
-    so the same images every run, and an image's records all on one side."""
+    so the same images every run, and an image's records all on one side (a record of several images goes
+    with its first)."""
     return int(image_id(posixpath.normpath(image))[:8], 16) < fraction * 16**8
 
 
@@ -74,13 +78,21 @@ def split_held_out(ds: ray.data.Dataset, fraction: float) -> tuple[ray.data.Data
     import pyarrow as pa
 
     def side(batch, val: bool):
-        return batch.filter(pa.array([held_out(p, fraction) == val for p in batch.column("image").to_pylist()]))
+        return batch.filter(pa.array([held_out(p[0], fraction) == val for p in batch.column("images").to_pylist()]))
 
     return tuple(ds.map_batches(side, batch_format="pyarrow", fn_kwargs={"val": val}) for val in (False, True))
 
 
+def parsed_records(row: dict[str, Any], fmt: str, root: str) -> list[dict[str, Any]]:
+    """A JSON lines file's line (`text`) or a JSON file's content (`bytes`, an array of records) -> its records
+    as `to_conversation` gives them."""
+    parsed = json.loads(row["text"] if "text" in row else row["bytes"])
+    return [to_conversation(r, fmt, root) for r in (parsed if isinstance(parsed, list) else [parsed])]
+
+
 def to_conversation(row: dict[str, Any], fmt: str, root: str) -> dict[str, Any]:
-    """One record (LLaVA or simple format) -> {id, image, conversations}."""
+    """One record (LLaVA or simple format) -> {id, images, conversations}. `image` is a path, or a list of
+    them for a record of several images, each placed by an `<image>` tag in the turns (in order)."""
     if fmt == "auto":
         fmt = "llava" if "conversations" in row else "simple"
     if fmt == "llava":
@@ -90,46 +102,63 @@ def to_conversation(row: dict[str, Any], fmt: str, root: str) -> dict[str, Any]:
             raise ValueError(f"a simple-format record needs image, text (and prompt); got keys {sorted(row)}")
         prompt = row.get("prompt") or DEFAULT_PROMPT
         turns = llava_record("", "", prompt, row["text"])["conversations"]
-    image = str(row["image"])
-    if root and "://" not in image and not posixpath.isabs(image):
-        image = posixpath.join(root, image)
-    return {"id": str(row.get("id") or image), "image": image, "conversations": turns}
+    images = [row["image"]] if isinstance(row["image"], str) else [str(i) for i in row["image"]]
+    images = [posixpath.join(root, i) if root and "://" not in i and not posixpath.isabs(i) else i for i in images]
+    tags = sum(t["value"].count(IMAGE_TAG) for t in turns)
+    if tags != len(images) or not images:
+        raise ValueError(f"record {row.get('id') or images}: {len(images)} image(s) but {tags} {IMAGE_TAG} tag(s) in "
+                         f"its turns; each image needs a tag where it goes")
+    return {"id": str(row.get("id") or images[0]), "images": images, "conversations": turns}
 
 
 def not_excluded(batch, drop: set[str]):
-    """The records whose image is not in `drop`, by the id `pixelray embed` gives it (of its absolute path)."""
+    """The records none of whose images is in `drop`, by the id `pixelray embed` gives an image (of its
+    absolute path)."""
     import pyarrow as pa
 
-    keep = [image_id(posixpath.normpath(p)) not in drop for p in batch.column("image").to_pylist()]
+    keep = [all(image_id(posixpath.normpath(p)) not in drop for p in paths)
+            for paths in batch.column("images").to_pylist()]
     return batch.filter(pa.array(keep, pa.bool_()))
 
 
 def read_image_bytes(batch):
-    """Add a `data` column with each image file's bytes (None when it cannot be read)."""
+    """Add a `data` column with each record's image files' bytes (None for one that cannot be read)."""
     import pyarrow as pa
 
-    data = []
-    for uri in batch.column("image").to_pylist():
+    def read(uri: str) -> bytes | None:
         try:
-            data.append(read_bytes(uri))
+            return read_bytes(uri)
         except (OSError, ValueError):
-            data.append(None)
-    return batch.append_column("data", pa.array(data, pa.binary()))
+            return None
+
+    data = [[read(uri) for uri in uris] for uris in batch.column("images").to_pylist()]
+    return batch.append_column("data", pa.array(data, pa.list_(pa.binary())))
 
 
 def to_messages(turns: list[dict[str, str]]) -> list[dict[str, Any]]:
-    """LLaVA turns -> chat messages; `<image>` (and the newline beside it) becomes an image part,
-    which is how inference builds its prompts too."""
+    """LLaVA turns -> chat messages; `<image>` (and the newline beside it) becomes an image part. A record's
+    one image goes before its turn's text, as LLaVA places it and as inference builds its prompts; several
+    images each go where their tags are, between the pieces of text."""
+    several = sum(t["value"].count(IMAGE_TAG) for t in turns) > 1
     messages = []
     for turn in turns:
         role = ROLES.get(turn["from"])
         if role is None:
             raise ValueError(f"unknown conversation role {turn['from']!r} (expected human/gpt/system)")
         text, content = turn["value"], []
-        if IMAGE_TAG in text:
+        if IMAGE_TAG in text and not several:
             content.append({"type": "image"})
             text = text.replace(f"{IMAGE_TAG}\n", "").replace(f"\n{IMAGE_TAG}", "").replace(IMAGE_TAG, "")
-        content.append({"type": "text", "text": text})
+        elif IMAGE_TAG in text:
+            pieces = text.split(IMAGE_TAG)
+            for k, piece in enumerate(pieces[:-1]):
+                piece = piece.removeprefix("\n") if k else piece
+                if piece := piece.removesuffix("\n"):
+                    content.append({"type": "text", "text": piece})
+                content.append({"type": "image"})
+            text = pieces[-1].removeprefix("\n")
+        if text or not several or not content:
+            content.append({"type": "text", "text": text})
         messages.append({"role": role, "content": content})
     if not any(m["role"] == "assistant" for m in messages):
         raise ValueError("a training conversation needs at least one reply (a gpt turn)")
@@ -163,50 +192,83 @@ def _labels(ids: list[int], prefix_lengths: list[tuple[int, int]], max_length: i
 
 class PixelRayCollator:
     """Records -> inputs of the pixelray model (pixelray.vlm): the tokenizer's chat template, one
-    `<image>` token per patch, the open_clip transform of the model's vision tower."""
+    `<image>` token per patch, the open_clip transform of the model's vision tower.
 
-    def __init__(self, tokenizer, config, max_length: int):
+    With `packing`, the batch's records go in order into as few rows of up to max_length tokens as they fill,
+    with no padding between them; each row's position ids start again at 0 with each record, and there is no
+    attention mask, so that transformers builds a mask in which every record attends only to itself (its
+    packed-sequence masks). The loss is the unpacked batch's: padding was never trained on."""
+
+    def __init__(self, tokenizer, config, max_length: int, packing: bool = False):
         from pixelray.encoders import open_clip_preprocess_cfg, open_clip_transform
 
-        self.tokenizer, self.max_length = tokenizer, max_length
+        self.tokenizer, self.max_length, self.packing = tokenizer, max_length, packing
         self.transform = open_clip_transform(open_clip_preprocess_cfg(config.vision_config, config.vision_preprocess))
-        self.image_tokens = IMAGE_TAG * config.num_image_tokens
+        self.image_tokens, self.image_token_id = IMAGE_TAG * config.num_image_tokens, config.image_token_id
 
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer(text.replace(IMAGE_TAG, self.image_tokens), add_special_tokens=False)["input_ids"]
 
     def encode(self, turns: list[dict[str, str]], record: str = "?") -> tuple[list[int], list[int], int]:
-        """(input ids, labels), both cut to max_length, and the uncut length."""
+        """(input ids, labels), both cut to max_length, and the uncut length. A cut through an image's tokens (a
+        later turn's image) is an error: the model takes every image of a record whole."""
         full, spans = reply_spans(self.tokenizer.apply_chat_template, to_messages(turns))
         ids = self._ids(full)
         labels = _labels(ids, [(len(self._ids(b)), len(self._ids(t))) for b, t in spans], self.max_length, record)
+        if ids[self.max_length:].count(self.image_token_id):
+            raise ValueError(f"record {record}: max_length={self.max_length} cuts its images' tokens (it is "
+                             f"{len(ids)} tokens long); raise data.max_length")
         return ids[: self.max_length], labels, len(ids)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
         rows = decoded_rows(batch)
-        encoded = [self.encode(list(r["conversations"]), r["id"]) for r in rows]
-        pad = self.tokenizer.pad_token_id
-        width = max(len(e[0]) for e in encoded)
-        out = {"input_ids": torch.full((len(rows), width), pad), "labels": torch.full((len(rows), width), -100),
-               "attention_mask": torch.zeros((len(rows), width), dtype=torch.long)}
-        for i, (ids, labels, _) in enumerate(encoded):
-            out["input_ids"][i, : len(ids)] = torch.tensor(ids)
-            out["labels"][i, : len(labels)] = torch.tensor(labels)
-            out["attention_mask"][i, : len(ids)] = 1
-        out["pixel_values"] = torch.stack([self.transform(r["image"]) for r in rows])
+        encoded = [self.encode(list(r["conversations"]), r["id"])[:2] for r in rows]
+        packs = self._packs([len(ids) for ids, _ in encoded]) if self.packing else [[i] for i in range(len(rows))]
+        width = max(sum(len(encoded[i][0]) for i in pack) for pack in packs)
+        out = {"input_ids": torch.full((len(packs), width), self.tokenizer.pad_token_id),
+               "labels": torch.full((len(packs), width), -100)}
+        out["attention_mask" if not self.packing else "position_ids"] = torch.zeros((len(packs), width),
+                                                                                    dtype=torch.long)
+        for row, pack in enumerate(packs):
+            start = 0
+            for ids, labels in (encoded[i] for i in pack):
+                out["input_ids"][row, start: start + len(ids)] = torch.tensor(ids)
+                out["labels"][row, start: start + len(labels)] = torch.tensor(labels)
+                if self.packing:
+                    out["position_ids"][row, start: start + len(ids)] = torch.arange(len(ids))
+                else:
+                    out["attention_mask"][row, : len(ids)] = 1
+                start += len(ids)
+            if self.packing:  # the padding after a row's records: a sequence of its own
+                out["position_ids"][row, start:] = torch.arange(width - start)
+        # every image in record order, which is the order of their tokens, row by row
+        out["pixel_values"] = torch.stack([self.transform(image) for r in rows for image in r["images"]])
         return out
+
+    def _packs(self, lengths: list[int]) -> list[list[int]]:
+        """Records (by index, in order) into rows of at most max_length tokens: a row takes the next record
+        while it fits."""
+        packs, used = [[]], 0
+        for i, length in enumerate(lengths):
+            if packs[-1] and used + length > self.max_length:
+                packs, used = packs + [[]], 0
+            packs[-1].append(i)
+            used += length
+        return packs
 
 
 class HFCollator:
-    """Records -> inputs of an off-the-shelf VLM through its own processor (LLaVA, SmolVLM, Qwen2-VL);
-    PaliGemma, which has no chat template, gets its processor's `suffix` labels."""
+    """Records -> inputs of an off-the-shelf VLM through its own processor (LLaVA, SmolVLM, Qwen2-VL, each
+    taking several images a record); PaliGemma, which has no chat template, gets its processor's `suffix`
+    labels, and one image a record."""
 
     def __init__(self, processor, model_type: str, max_length: int):
-        self.processor, self.family, self.max_length = processor, family(model_type), max_length
+        self.processor, self.model_type, self.family = processor, model_type, family(model_type)
+        self.max_length = max_length
         self.processor.tokenizer.padding_side = "right"
 
     def _images(self, row) -> list:
-        return [[row["image"]]] if self.family.nested_images else [row["image"]]
+        return [row["images"]] if self.family.nested_images else row["images"]
 
     def _length(self, text: str, row) -> int:
         return len(self.processor(text=[text], images=self._images(row))["input_ids"][0])
@@ -215,6 +277,8 @@ class HFCollator:
         rows = decoded_rows(batch)
         images = [im for r in rows for im in self._images(r)]
         if not self.family.chat_template:  # PaliGemma: its processor makes the labels from `suffix`
+            if several := [r["id"] for r in rows if len(r["images"]) > 1]:
+                raise ValueError(f"records {several[:5]} have several images; {self.model_type} takes one a record")
             messages = [to_messages(list(r["conversations"])) for r in rows]
             prompts = [IMAGE_TAG + m[0]["content"][-1]["text"] for m in messages]
             answers = [m[1]["content"][-1]["text"] for m in messages]
@@ -238,19 +302,21 @@ class HFCollator:
 
 
 def decoded_rows(batch: dict[str, np.ndarray]) -> list[dict[str, Any]]:
-    """Rows of a numpy batch with a decoded RGB `image`; records with unreadable images are left out,
+    """Rows of a numpy batch with its decoded RGB `images`; a record with an unreadable image is left out,
     with one warning per batch that names them."""
     rows, skipped = [], []
     for i in range(len(batch["id"])):
-        try:
-            data = batch["data"][i]
-            if data is None:
-                raise ImageError("the image file could not be read", code="not_found")
-            image = decode_image(bytes(data))
-        except ImageError as e:
-            skipped.append(f"{batch['id'][i]} ({batch['image'][i]}: {e.message})")
-            continue
-        rows.append({"id": str(batch["id"][i]), "image": image, "conversations": batch["conversations"][i]})
+        images = []
+        for path, data in zip(batch["images"][i], batch["data"][i], strict=True):
+            try:
+                if data is None:
+                    raise ImageError("the image file could not be read", code="not_found")
+                images.append(decode_image(bytes(data)))
+            except ImageError as e:
+                skipped.append(f"{batch['id'][i]} ({path}: {e.message})")
+                break
+        else:
+            rows.append({"id": str(batch["id"][i]), "images": images, "conversations": batch["conversations"][i]})
     if skipped:
         logger.warning("skipped %d of %d records, their images unreadable: %s", len(skipped), len(batch["id"]),
                        "; ".join(skipped))
@@ -259,10 +325,12 @@ def decoded_rows(batch: dict[str, np.ndarray]) -> list[dict[str, Any]]:
     return rows
 
 
-def make_collator(model, processing, max_length: int):
+def make_collator(model, processing, max_length: int, packing: bool = False):
     config = model.config
     if config.model_type == "pixelray":
-        return PixelRayCollator(processing, config, max_length)
+        return PixelRayCollator(processing, config, max_length, packing)
+    if packing:
+        raise ValueError(f"data.packing is for the pixelray family; {config.model_type} models are trained unpacked")
     return HFCollator(processing, config.model_type, max_length)
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import json
 import logging
+import resource
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -18,9 +20,8 @@ import ray.train
 import ray.train.torch
 import torch
 import torch.distributed as dist
-from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup
 
-from pixelray.train_jobs.config import StageConfig, TrainConfig
+from pixelray.train_jobs.config import StageConfig, TrainConfig, lr_factor
 from pixelray.train_jobs.data import make_collator
 from pixelray.train_jobs.model import (apply_stage, export_model, load_model, param_groups, parameter_table,
                                        stage_loss, to_device)
@@ -39,7 +40,35 @@ def deepspeed_config(cfg: TrainConfig, stage: StageConfig, device: torch.device)
         raise ValueError("fp16 training needs CUDA; use fp32 or bf16 on CPU")
     if cfg.deepspeed.precision != "fp32":
         ds[cfg.deepspeed.precision] = {"enabled": True}
+    zero = ds.setdefault("zero_optimization", {})
+    pin = device.type == "cuda"  # page-locked host memory: faster copies to and from the GPU
+    if cfg.deepspeed.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": pin}
+    if cfg.deepspeed.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": pin}
     return ds
+
+
+def make_optimizer(cfg: TrainConfig, stage: StageConfig, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """AdamW over the stage's parameter groups; with the optimizer offloaded, DeepSpeed's CPU AdamW (its step
+    runs on the CPU, vectorised; DeepSpeed refuses torch's there as too slow)."""
+    groups = param_groups(model, stage)
+    if cfg.deepspeed.offload_optimizer:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, lr=stage.lr, weight_decay=stage.weight_decay, adamw_mode=True)
+    return torch.optim.AdamW(groups, lr=stage.lr, weight_decay=stage.weight_decay)
+
+
+def peak_memory(device: torch.device, world: int) -> dict[str, float]:
+    """The most memory a worker has held so far, the largest over workers: its process's peak resident set
+    (`peak_rss_mib`), and on a GPU the peak torch allocated there (`peak_gpu_mib`)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (2**20 if sys.platform == "darwin" else 2**10)
+    values = [rss] + ([torch.cuda.max_memory_allocated(device) / 2**20] if device.type == "cuda" else [])
+    peaks = torch.tensor(values, dtype=torch.float64, device=device)
+    if world > 1:
+        dist.all_reduce(peaks, op=dist.ReduceOp.MAX)
+    return dict(zip(("peak_rss_mib", "peak_gpu_mib"), (round(v, 1) for v in peaks.tolist())))
 
 
 def train_loop(loop_config: dict[str, Any]) -> None:
@@ -54,14 +83,18 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     # 1. Model, frozen parts, optimizer over the trainable ones, DeepSpeed engine.
     torch.manual_seed(cfg.seed)
     model, processing = load_model(cfg.model, init_from, device=device)
+    if cfg.data.packing:  # transformers tells packed records apart by their position ids only when no KV cache is made
+        model.language_model.config.use_cache = False
+    if cfg.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     model = apply_stage(model, stage)
     if rank == 0:
         logger.info("%s", parameter_table(model, f"stage {stage.name}: trainable vs total parameters"))
-    collate = make_collator(model, processing, cfg.data.max_length)
-    optimizer = torch.optim.AdamW(param_groups(model, stage), lr=stage.lr, weight_decay=stage.weight_decay)
+    collate = make_collator(model, processing, cfg.data.max_length, cfg.data.packing)
+    optimizer = make_optimizer(cfg, stage, model)
     # linear warm-up, then cosine decay to min_lr_ratio of the peak
-    scheduler = get_cosine_with_min_lr_schedule_with_warmup(optimizer, stage.warmup_steps, total_steps,
-                                                            min_lr_rate=stage.min_lr_ratio)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, stage.warmup_steps, total_steps, stage.min_lr_ratio))
     engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                            config=deepspeed_config(cfg, stage, device))
     dtype = next(p.dtype for p in engine.module.parameters())
@@ -116,7 +149,8 @@ def train_loop(loop_config: dict[str, Any]) -> None:
                 samples = len(losses) * stage.batch_size * world
                 metrics = {"stage": stage.name, "step": step, "epoch": step / steps_per_epoch,
                            "loss": round(mean.item(), 6), "lr": scheduler.get_last_lr()[0],
-                           "samples_per_s": round(samples / (time.perf_counter() - started), 2)}
+                           "samples_per_s": round(samples / (time.perf_counter() - started), 2),
+                           **peak_memory(device, world)}
                 if evaluate:
                     metrics.update(validate(engine, val_shard, collate, getattr(processing, "tokenizer", processing),
                                             cfg.validation, stage, device, dtype, world))

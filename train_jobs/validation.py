@@ -58,6 +58,7 @@ def generated_replies(module, rows: dict[str, np.ndarray], collate, tokenizer, d
         labels = inputs.pop("labels")[0]
         start = int((labels != -100).nonzero()[0])
         end = start + int((labels[start:] == -100).cumsum(0).eq(0).sum())  # the first reply's last token + 1
+        inputs.pop("position_ids", None)  # a packed row of one record: its positions are the usual ones
         width = inputs["input_ids"].shape
         prompt = {k: v[:, :start] if v.shape == width else v for k, v in inputs.items()}
         out = module.generate(**prompt, max_new_tokens=max_new_tokens, do_sample=False,

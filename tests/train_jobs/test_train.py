@@ -17,10 +17,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+import ray
 import torch
 from pydantic import ValidationError
 
 from pixelray.images import image_id
+from pixelray.llava import IMAGE_TAG
 from pixelray.shapes import train_tokenizer, write_dataset
 from pixelray.train_jobs.config import LoraSettings, StageConfig, load_config
 from pixelray.train_jobs.data import PixelRayCollator, held_out, make_collator, read_records, to_messages
@@ -43,10 +45,15 @@ def debug_config(out: Path, data: Path, *overrides: str):
 
 
 def numpy_batch(records: list[dict], root: Path) -> dict[str, np.ndarray]:
-    """A batch as Ray Data hands it to the collator."""
-    return {"id": np.array([r["id"] for r in records]), "image": np.array([r["image"] for r in records]),
-            "data": np.array([(root / r["image"]).read_bytes() for r in records], dtype=object),
-            "conversations": np.array([r["conversations"] for r in records] + [None], dtype=object)[:-1]}
+    """A batch as Ray Data hands it to the collator (a record's `image` one path or a list of them)."""
+    images = [[r["image"]] if isinstance(r["image"], str) else r["image"] for r in records]
+
+    def objects(values: list) -> np.ndarray:
+        return np.array(values + [None], dtype=object)[:-1]  # one object per record, lists kept whole
+
+    return {"id": np.array([r["id"] for r in records]), "images": objects(images),
+            "data": objects([[(root / i).read_bytes() for i in paths] for paths in images]),
+            "conversations": objects([r["conversations"] for r in records])}
 
 
 def test_config_overrides_and_validation(tmp_path):
@@ -70,6 +77,19 @@ def test_config_overrides_and_validation(tmp_path):
         load_config(DEBUG, ["stages.0.part_lr={vision: 1.0e-3}"])
 
 
+def test_the_learning_rate_schedule_is_transformers():
+    """lr_factor (torch's LambdaLR, in both recipes) gives what transformers' warm-up + cosine schedule gives."""
+    from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup
+
+    from pixelray.train_jobs.config import lr_factor
+
+    for warmup, total, floor in ((0, 10, 0.1), (3, 20, 0.0), (5, 6, 0.5)):
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        theirs = get_cosine_with_min_lr_schedule_with_warmup(optimizer, warmup, total, min_lr_rate=floor)
+        for step in range(total + 1):
+            assert lr_factor(step, warmup, total, floor) == pytest.approx(theirs.lr_lambdas[0](step), abs=1e-12)
+
+
 def test_readers_take_both_formats(ray_address, shapes_data, tmp_path):
     llava = json.loads((shapes_data / "llava.json").read_text())[:6]
     (tmp_path / "l.json").write_text(json.dumps(llava))
@@ -83,17 +103,29 @@ def test_readers_take_both_formats(ray_address, shapes_data, tmp_path):
     by_id = {r["id"]: r for r in rows}  # Ray Data does not promise row order here
     assert sorted(by_id) == sorted(r["id"] for r in llava)
     first = by_id[llava[0]["id"]]
-    assert first["image"] == str(shapes_data / llava[0]["image"])
-    assert first["data"] == (shapes_data / llava[0]["image"]).read_bytes()
+    assert list(first["images"]) == [str(shapes_data / llava[0]["image"])]
+    assert list(first["data"]) == [(shapes_data / llava[0]["image"]).read_bytes()]
     for name in ("s.jsonl", "s.parquet"):
         rows = read_records(cfg.model_copy(update={"train": str(tmp_path / name)})).take_all()
-        first = next(r for r in rows if r["image"] == simple[0]["image"]
+        first = next(r for r in rows if list(r["images"]) == [simple[0]["image"]]
                      and r["conversations"][1]["value"] == simple[0]["text"])
-        assert len(rows) == 6 and first["data"] == (shapes_data / llava[0]["image"]).read_bytes()
+        assert len(rows) == 6 and list(first["data"]) == [(shapes_data / llava[0]["image"]).read_bytes()]
         assert [dict(t) for t in first["conversations"]] == [
             {"from": "human", "value": "<image>\nDescribe."}, {"from": "gpt", "value": simple[0]["text"]}]
     with pytest.raises(ValueError, match=".json, .jsonl or .parquet"):
         read_records(cfg.model_copy(update={"train": str(tmp_path / "x.csv")}))
+
+    # a record of several images (a list, each image where its tag is) beside records of one, in one file
+    (tmp_path / "m.json").write_text(json.dumps([llava[0], llava[2], two_images(llava)]))
+    several = cfg.model_copy(update={"train": str(tmp_path / "m.json"), "image_root": str(shapes_data)})
+    pair = next(r for r in read_records(several).take_all() if r["id"] == "pair")
+    assert list(pair["images"]) == [str(shapes_data / llava[i]["image"]) for i in (0, 2)]
+    assert list(pair["data"]) == [(shapes_data / llava[i]["image"]).read_bytes() for i in (0, 2)]
+    untagged = dict(two_images(llava), conversations=[{"from": "human", "value": "<image>\nWhich?"},
+                                                      {"from": "gpt", "value": "the first"}])
+    (tmp_path / "untagged.json").write_text(json.dumps([untagged]))
+    with pytest.raises(ray.exceptions.RayTaskError, match=r"record pair: 2 image\(s\) but 1 <image> tag\(s\)"):
+        read_records(cfg.model_copy(update={"train": str(tmp_path / "untagged.json")})).take_all()
 
     # a dedup table that drops the first record's image: its records are left out, by the id `pixelray embed` gives it
     dropped = str(shapes_data / llava[0]["image"])
@@ -102,6 +134,58 @@ def test_readers_take_both_formats(ray_address, shapes_data, tmp_path):
                                                "exclude": str(tmp_path / "dedup.parquet")})).take_all()
     assert sorted(r["id"] for r in rows) == sorted(r["id"] for r in llava if str(shapes_data / r["image"]) != dropped)
     assert len(rows) < len(llava)
+    # a record of several images goes when any of them does
+    rows = read_records(several.model_copy(update={"exclude": str(tmp_path / "dedup.parquet")})).take_all()
+    assert [r["id"] for r in rows] == [llava[2]["id"]]
+
+
+def two_images(records: list[dict]) -> dict:
+    """A record of two images (those of the first and third records: two records an image), the prompt's text
+    between and after them."""
+    return {"id": "pair", "image": [records[0]["image"], records[2]["image"]], "conversations": [
+        {"from": "human", "value": "<image>\nLeft, and right:\n<image>\nWhich has more shapes?"},
+        {"from": "gpt", "value": "the first"}]}
+
+
+def test_records_of_several_images(shapes_data, tiny_vlm_dirs):
+    """Two images in one record: each where its tag is, every image's tokens and pixels in the batch, and the
+    second image read by the model (changing it changes the reply's logits); the same through the processors
+    of the off-the-shelf families that take several, and PaliGemma's refusal."""
+    records = json.loads((shapes_data / "llava.json").read_text())
+    pair = two_images(records)
+    model, tokenizer = load_model(debug_config(shapes_data, shapes_data).model)
+    collate = make_collator(model, tokenizer, max_length=300)
+    batch = collate(numpy_batch([pair, records[4]], shapes_data))
+    tokens = IMAGE_TAG * model.config.num_image_tokens
+    assert tokenizer.decode(batch["input_ids"][0]) == (
+        f"<|im_start|>user\n{tokens}Left, and right:{tokens}Which has more shapes?<|im_end|>\n"
+        "<|im_start|>assistant\nthe first<|im_end|>\n")
+    assert batch["pixel_values"].shape == (3, 3, 32, 32)  # the pair's two, then the single record's
+    with torch.no_grad():
+        logits = model(**batch).logits
+        other = dict(batch, pixel_values=batch["pixel_values"][[0, 2, 2]])  # the pair's second image replaced
+        changed = model(**other).logits
+    reply = batch["labels"][0] != -100
+    assert not torch.allclose(logits[0][reply], changed[0][reply]) and torch.equal(logits[1], changed[1])
+    # a later turn's image cut by max_length is an error, not a record that fails in the model
+    later = {"id": "later", "image": pair["image"], "conversations": [
+        {"from": "human", "value": "<image>\nDescribe it."}, {"from": "gpt", "value": "a red star"},
+        {"from": "human", "value": "And this one?\n<image>"}, {"from": "gpt", "value": "a blue circle"}]}
+    with pytest.raises(ValueError, match="record later: max_length=50 cuts its images' tokens"):
+        make_collator(model, tokenizer, max_length=50)(numpy_batch([later], shapes_data))
+
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    for name in ("llava", "qwen2_vl", "smolvlm"):
+        hf, processor = (c.from_pretrained(tiny_vlm_dirs[name]) for c in (AutoModelForImageTextToText, AutoProcessor))
+        one, two = (make_collator(hf, processor, 2048)(numpy_batch([r], shapes_data)) for r in (records[0], pair))
+        image_tokens = [int((batch["input_ids"] == hf.config.image_token_id).sum()) for batch in (one, two)]
+        assert image_tokens[1] == 2 * image_tokens[0] > 0, name
+        assert torch.isfinite(hf(**two).loss), name
+    paligemma = make_collator(*(c.from_pretrained(tiny_vlm_dirs["paligemma"])
+                                for c in (AutoModelForImageTextToText, AutoProcessor)), 2048)
+    with pytest.raises(ValueError, match=r"records \['pair'\] have several images; paligemma takes one"):
+        paligemma(numpy_batch([pair], shapes_data))
 
 
 def test_collator_labels_only_the_replies(shapes_data):
@@ -139,6 +223,37 @@ def test_collator_labels_only_the_replies(shapes_data):
         to_messages([{"from": "robot", "value": "hi"}])
 
 
+def test_packed_records_train_as_the_unpacked(shapes_data):
+    """`data.packing`: a batch of captions and one-word answers in fewer, fuller rows, each record attending only
+    to itself: every record's logits and the batch's loss (both kinds) are the unpacked batch's."""
+    records = json.loads((shapes_data / "vqa.json").read_text())[:11]
+    questions = [turn for r in records[1:4] for turn in r["conversations"]]  # and one long conversation
+    records.append(dict(records[0], id="long", conversations=records[0]["conversations"] + [
+        dict(t, value=t["value"].replace("<image>\n", "")) for t in questions]))
+    model, tokenizer = load_model(debug_config(shapes_data, shapes_data).model)
+    model.language_model.config.use_cache = False  # as the training loop sets it for packing
+    batch = numpy_batch(records, shapes_data)
+    plain, packed = (make_collator(model, tokenizer, 200, packing)(batch) for packing in (False, True))
+    lengths = plain["attention_mask"].sum(1).tolist()
+    assert len(packed["input_ids"]) < len(plain["input_ids"]) == 12 and packed["input_ids"].shape[1] <= 200
+    assert packed["input_ids"].numel() < plain["input_ids"].numel() * 0.7  # far less padding
+    with torch.no_grad():
+        out = {name: model(**b) for name, b in (("plain", plain), ("packed", packed))}
+        # row by row, record by record: where packing put each record, its logits are the unpacked ones
+        starts = (packed["position_ids"] == 0).nonzero().tolist()
+        spans = [(row, col) for row, col in starts if packed["input_ids"][row, col] != tokenizer.pad_token_id]
+        assert len(spans) == 12
+        for record, (row, col) in enumerate(spans):
+            n = lengths[record]
+            assert torch.allclose(out["packed"].logits[row, col: col + n], out["plain"].logits[record, :n],
+                                  atol=1e-4), record
+        assert torch.allclose(out["packed"].loss, out["plain"].loss, atol=1e-5)
+        assert torch.allclose(reply_mean_loss(out["packed"].logits, packed["labels"]),
+                              reply_mean_loss(out["plain"].logits, plain["labels"]), atol=1e-5)
+    with pytest.raises(ValidationError, match="packing is for the pixelray family"):
+        load_config(ROOT / "train_jobs/configs/vlm_lora.yaml", ["data.packing=true"])
+
+
 def test_parts_and_freezing_per_stage(shapes_data, tiny_vlm_dirs):
     model, _ = load_model(debug_config(shapes_data, shapes_data).model)
     stage1 = apply_stage(model, StageConfig(name="s1", train=["projector"]))
@@ -166,15 +281,55 @@ def test_parts_and_freezing_per_stage(shapes_data, tiny_vlm_dirs):
         assert parts == {"vision", "projector", "language_model"}, family
 
 
+def _saved_bytes_and_grads(model, batch: dict[str, torch.Tensor]) -> tuple[int, dict[str, torch.Tensor]]:
+    """The bytes autograd keeps for the backward pass of one training step (checkpointed layers keep their own,
+    out of this count, and recompute the rest), and the gradients that step gives."""
+    saved = 0
+
+    def keep(t: torch.Tensor) -> torch.Tensor:
+        nonlocal saved
+        saved += t.numel() * t.element_size()
+        return t
+
+    model.train().zero_grad()
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        loss = model(**batch).loss
+    loss.backward()
+    return saved, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_gradient_checkpointing_keeps_less_for_the_same_gradients(shapes_data, tiny_vlm_dirs):
+    """`model.gradient_checkpointing`: the pixelray model (its LM's and its open_clip tower's layers) and an
+    off-the-shelf family keep far fewer activations for the backward pass, and give the same gradients."""
+    records = json.loads((shapes_data / "llava.json").read_text())[:4]
+    for cfg in (debug_config(shapes_data, shapes_data).model,
+                load_config(ROOT / "train_jobs/configs/vlm_lora.yaml", [f"model.path={tiny_vlm_dirs['llava']}"]).model):
+        model, processing = load_model(cfg)
+        model.config.use_cache = False
+        batch = make_collator(model, processing, 128)(numpy_batch(records, shapes_data))
+        kept, grads = _saved_bytes_and_grads(model, batch)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        kept_checkpointed, grads_checkpointed = _saved_bytes_and_grads(model, batch)
+        assert kept_checkpointed < kept / 2, (cfg.family, kept, kept_checkpointed)
+        assert grads.keys() == grads_checkpointed.keys() and {part_of(n) for n in grads} == {"vision", "projector",
+                                                                                            "language_model"}
+        for name, grad in grads.items():
+            assert torch.allclose(grad, grads_checkpointed[name], rtol=1e-4, atol=1e-6), (cfg.family, name)
+
+
 def _history(stage_dir: Path) -> list[dict]:
     with open(stage_dir / "metrics.csv") as f:
         return list(csv.DictReader(f))
 
 
 def test_validation_settings_are_checked(tmp_path, shapes_data):
+    (tmp_path / "zero1.json").write_text(json.dumps({"zero_optimization": {"stage": 1}}))
     for overrides, message in ((["validation.fraction=0.2", "validation.records=x.json"], "one of them"),
                                (["validation.generate=0"], "one of them"),
-                               (["validation.fraction=0.2", "validation.best=val_cider"], "generation score")):
+                               (["validation.fraction=0.2", "validation.best=val_cider"], "generation score"),
+                               (["deepspeed.offload_params=true"], "offload_params needs ZeRO-3"),
+                               ([f"deepspeed.config={tmp_path / 'zero1.json'}", "deepspeed.offload_optimizer=true"],
+                                "needs ZeRO-2 or ZeRO-3")):
         with pytest.raises(ValidationError, match=message):
             debug_config(tmp_path, shapes_data, *overrides)
 
@@ -243,7 +398,8 @@ def test_two_stages_zero2_two_workers(ray_address, shapes_data, tmp_path):
 @pytest.mark.slow
 def test_zero3_lora_adapter_round_trip_with_validation(ray_address, shapes_data, tmp_path):
     """ZeRO-3 on two workers, LoRA in stage 2; a quarter of the images held out, their loss measured while
-    training (every worker as many forward passes, as ZeRO-3's gathers need)."""
+    training (every worker as many forward passes, as ZeRO-3's gathers need). The memory options on: the
+    optimizer and the parameters offloaded to CPU memory, gradient checkpointing, packed records."""
     from peft import PeftModel
 
     from pixelray.train_jobs.run import run_training
@@ -251,11 +407,13 @@ def test_zero3_lora_adapter_round_trip_with_validation(ray_address, shapes_data,
 
     cfg = debug_config(tmp_path / "run", shapes_data, "deepspeed.config=zero3.json", "stages.1.train=[projector]",
                        "stages.1.lora={r: 4, alpha: 8}", "stages.1.max_steps=8", "stages.1.lr=3e-3",
-                       "stages.1.eval_every=3", "validation.fraction=0.25")
+                       "stages.1.eval_every=3", "validation.fraction=0.25", "deepspeed.offload_optimizer=true",
+                       "deepspeed.offload_params=true", "model.gradient_checkpointing=true", "data.packing=true")
     summary = run_training(cfg)["stages"]["stage2"]
     s1, s2 = (tmp_path / "run" / s for s in ("stage1", "stage2"))
     history = _history(s2)
     assert float(history[-1]["loss"]) < float(history[0]["loss"])
+    assert all(300 < float(h["peak_rss_mib"]) < 24 * 1024 for h in history)  # a worker's peak, on every row
     assert (s2 / "adapter" / "adapter_config.json").is_file()
 
     # validation: the held-out images' records, never trained on
@@ -294,6 +452,9 @@ def test_failed_worker_resumes_with_identical_loss(ray_address, shapes_data, tmp
     clean, faulted = _history(tmp_path / "clean" / "s"), _history(tmp_path / "fault" / "s")
     assert [h["step"] for h in faulted] == ["1", "2", "3", "4", "5", "6"]
     assert [h["loss"] for h in faulted] == [h["loss"] for h in clean]
+    # and the same weights, byte for byte: a rerun on this machine, through a failure and a resume
+    files = [run / "s" / "model" / "model.safetensors" for run in (tmp_path / "clean", tmp_path / "fault")]
+    assert files[0].read_bytes() == files[1].read_bytes()
 
 
 @pytest.mark.slow
