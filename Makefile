@@ -53,6 +53,8 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/hostile.py
 	$(BIN)/python benchmarks/search.py
 	$(BIN)/python benchmarks/remote.py
+	$(BIN)/python benchmarks/train_memory.py
+	$(BIN)/python benchmarks/train_determinism.py
 
 clean:
 	rm -rf runs .pytest_cache

@@ -3,6 +3,8 @@
 
     {"id": ..., "image": "images/000001.png", "conversations": [
         {"from": "human", "value": "<image>\\nDescribe the image."}, {"from": "gpt", "value": "a red star"}]}
+
+A record of several images lists them (`"image": ["a.png", "b.png"]`), each placed by its tag in the turns.
 """
 
 from __future__ import annotations

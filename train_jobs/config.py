@@ -60,8 +60,9 @@ class ModelConfig(Strict):
 
 
 class DataConfig(Strict):
-    """Training records: LLaVA conversations ({"id", "image", "conversations": [{"from", "value"}]}) or
-    the simple format ({"image", "text", "prompt"}), as JSON, JSON lines or Parquet files or folders."""
+    """Training records: LLaVA conversations ({"id", "image", "conversations": [{"from", "value"}]}, `image` a
+    path or a list of them, each placed by an <image> tag) or the simple format ({"image", "text", "prompt"}),
+    as JSON, JSON lines or Parquet files or folders."""
 
     train: str | list[str]
     format: Literal["auto", "llava", "simple"] = "auto"
