@@ -57,7 +57,9 @@ def tally(batch: pa.Table, counter) -> pa.Table:
     if "error" in batch.column_names:
         kinds = batch.filter(pc.is_valid(batch["error"]))["error_type"]
         errors = {row["values"] or "unknown": row["counts"] for row in pc.value_counts(kinds).to_pylist()}
-    counter.add.remote(batch.num_rows, errors)
+    # waited for: Ray orders an actor's calls per caller only, so a count sent and not waited for could still be on
+    # its way when the driver, another caller, reads the totals after the last block
+    ray.get(counter.add.remote(batch.num_rows, errors))
     return batch
 
 
