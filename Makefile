@@ -55,6 +55,8 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/remote.py
 	$(BIN)/python benchmarks/train_memory.py
 	$(BIN)/python benchmarks/train_determinism.py
+	$(BIN)/python benchmarks/train_from_features.py
+	$(BIN)/python benchmarks/pseudo_labels.py
 
 clean:
 	rm -rf runs .pytest_cache

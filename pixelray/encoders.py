@@ -9,8 +9,9 @@
     create_encoder("shapes-clip", text=True).encode_text(["a red star"])   # [1, dim], the images' space
 
 Names are data (`REGISTRY`); any name may also be a local directory (an open_clip
-folder with open_clip_config.json, or a transformers folder with config.json)
-or a hub id (`org/name` for transformers, `hf-hub:org/name` for open_clip).
+folder with open_clip_config.json, a transformers folder with config.json, or a
+pixelray model folder, whose vision tower is the encoder) or a hub id (`org/name`
+for transformers, `hf-hub:org/name` for open_clip).
 Weights are loaded by each library's own loading code (open_clip pretrained
 tags, `from_pretrained`), so nothing here downloads by itself: offline, a
 model that is not in the local cache fails with a message saying how to get it.
@@ -37,7 +38,7 @@ from pixelray.device import resolve_device, resolve_dtype
 from pixelray.hub import not_available
 from pixelray.images import ImageInput, as_image
 
-Backend = Literal["open_clip", "hf"]
+Backend = Literal["open_clip", "hf", "pixelray"]
 
 
 class EncoderSpec(BaseModel):
@@ -47,7 +48,7 @@ class EncoderSpec(BaseModel):
 
     name: str
     backend: Backend
-    source: str  # open_clip model name (may carry local-dir:/hf-hub:), or a transformers id/dir
+    source: str  # open_clip model name (may carry local-dir:/hf-hub:), a transformers id/dir, or a pixelray model dir
     pretrained: str | None = None  # open_clip pretrained tag
     # build the architecture from this config with random weights instead of loading `source`:
     # a transformers config (with model_type) or an open_clip model config (embed_dim, vision_cfg, ...)
@@ -62,7 +63,7 @@ class EncoderSpec(BaseModel):
 
     def preprocessor(self) -> Callable[[list[Image.Image]], np.ndarray]:
         """Images -> float32 array [batch, 3, H, W], without loading any weights."""
-        if self.backend == "open_clip":
+        if self.backend in ("open_clip", "pixelray"):
             transform = open_clip_transform(self.preprocess)
             return lambda images: torch.stack([transform(im) for im in images]).numpy()
         processor = _hf_image_processor(self)
@@ -138,7 +139,9 @@ def resolve_encoder(name: str | EncoderSpec) -> EncoderSpec:
         if (path / "open_clip_config.json").is_file():
             return _finish(EncoderSpec(name=name, backend="open_clip", source=f"local-dir:{path}"))
         if (path / "config.json").is_file():
-            return _finish(EncoderSpec(name=name, backend="hf", source=str(path)))
+            backend = "pixelray" if json.loads((path / "config.json").read_text()).get("model_type") == "pixelray" \
+                else "hf"
+            return _finish(EncoderSpec(name=name, backend=backend, source=str(path)))
         raise ValueError(
             f"directory {path} holds neither open_clip_config.json (open_clip) nor config.json (transformers)"
         )
@@ -154,6 +157,10 @@ def _finish(spec: EncoderSpec) -> EncoderSpec:
     """Resolve what the preprocessing needs now, so a bad name fails before any image is read."""
     if spec.backend == "open_clip":
         return spec.model_copy(update={"preprocess": _open_clip_preprocess(spec)})
+    if spec.backend == "pixelray":  # the model's own open_clip preprocessing (pixelray.vlm)
+        config = json.loads((Path(spec.source) / "config.json").read_text())
+        return spec.model_copy(update={"preprocess": open_clip_preprocess_cfg(config["vision_config"],
+                                                                              config.get("vision_preprocess") or {})})
     _hf_image_processor(spec)  # validates that the processor can be loaded
     return spec
 
@@ -322,6 +329,8 @@ def create_encoder(name: str | EncoderSpec, device: str = "auto", dtype: str = "
     torch_dtype = resolve_dtype(dtype, dev)
     if spec.backend == "open_clip":
         return OpenClipEncoder(spec, _load_open_clip(spec, text), dev, torch_dtype, normalize)
+    if spec.backend == "pixelray":
+        return OpenClipEncoder(spec, _load_pixelray_tower(spec), dev, torch_dtype, normalize)
     return HFEncoder(spec, _load_hf(spec), dev, torch_dtype, normalize)
 
 
@@ -330,6 +339,9 @@ def architecture_spec(spec: EncoderSpec) -> EncoderSpec:
     (`random_config`), so it builds anywhere, offline, ready for a checkpoint's weights."""
     if spec.random_config is not None:
         return spec
+    if spec.backend == "pixelray":
+        raise ValueError(f"encoder {spec.name!r} is a pixelray model's vision tower, read from its folder; it has no "
+                         "architecture-only form (use an open_clip or transformers encoder here)")
     if spec.backend == "open_clip":
         if spec.source.startswith(("local-dir:", "hf-hub:")):
             config = _open_clip_saved_config(spec.source)["model_cfg"]
@@ -370,6 +382,26 @@ def _load_open_clip(spec: EncoderSpec, text: bool = False) -> torch.nn.Module:
         raise ValueError(f"open_clip model {spec.source} has no token output (not a ViT); patches unsupported")
     visual.output_tokens = True
     return model if text else visual
+
+
+def _load_pixelray_tower(spec: EncoderSpec) -> torch.nn.Module:
+    """A pixelray model's vision tower (an open_clip ViT, pixelray.vlm), only its weights read from the folder."""
+    from safetensors import safe_open
+    from transformers import AutoConfig
+
+    from pixelray.vlm import vision_tower
+
+    folder = Path(spec.source)
+    index = folder / "model.safetensors.index.json"
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() \
+        else ["model.safetensors"]
+    state = {}
+    for name in files:
+        with safe_open(str(folder / name), framework="pt") as f:
+            state.update({k.removeprefix("vision."): f.get_tensor(k) for k in f.keys() if k.startswith("vision.")})
+    tower = vision_tower(AutoConfig.from_pretrained(folder))
+    tower.load_state_dict(state)
+    return tower
 
 
 def _open_clip_tokenizer(spec: EncoderSpec):

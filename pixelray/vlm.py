@@ -67,6 +67,19 @@ class ConvStem(nn.Sequential):
         super().__init__(*layers, nn.Conv2d(previous, width, 1))
 
 
+def vision_tower(config: PixelRayConfig) -> nn.Module:
+    """The model's vision tower, with random weights: open_clip's ViT of `config.vision_config` (its text half is
+    built, then dropped) giving patch tokens, with the ConvStem of `config.vision_stem` when there is one."""
+    import open_clip
+
+    tower = open_clip.CLIP(**config.vision_config).visual
+    tower.output_tokens = True
+    if config.vision_stem:
+        vision = config.vision_config["vision_cfg"]
+        tower.conv1 = ConvStem(config.vision_stem, vision["width"], vision["patch_size"])
+    return tower
+
+
 class PixelRayForConditionalGeneration(PreTrainedModel):
     config_class = PixelRayConfig
     base_model_prefix = "pixelray"
@@ -76,14 +89,7 @@ class PixelRayForConditionalGeneration(PreTrainedModel):
 
     def __init__(self, config: PixelRayConfig):
         super().__init__(config)
-        import open_clip
-
-        clip = open_clip.CLIP(**config.vision_config)  # open_clip builds the tower; its text half is dropped
-        self.vision = clip.visual
-        self.vision.output_tokens = True
-        if config.vision_stem:
-            vision = config.vision_config["vision_cfg"]
-            self.vision.conv1 = ConvStem(config.vision_stem, vision["width"], vision["patch_size"])
+        self.vision = vision_tower(config)
         vision_dim = config.vision_config["embed_dim"]
         width = config.text_config.hidden_size
         self.projector = nn.Sequential(nn.Linear(vision_dim, width), nn.GELU(), nn.Linear(width, width))
@@ -101,19 +107,25 @@ class PixelRayForConditionalGeneration(PreTrainedModel):
         self.language_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs)
         self.vision.set_grad_checkpointing(True)
 
-    def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """[images, 3, H, W] -> [images, num_patches, LM width]."""
-        _, tokens = self.vision(pixel_values.to(next(self.projector.parameters()).dtype))
+    def image_features(self, pixel_values: torch.Tensor | None = None,
+                       vision_tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """[images, 3, H, W] pixels, or the vision tower's patch tokens [images, num_patches, width] as
+        `pixelray embed --patches` stores them -> [images, num_patches, LM width]."""
+        dtype = next(self.projector.parameters()).dtype
+        if vision_tokens is None:
+            _, vision_tokens = self.vision(pixel_values.to(dtype))
+        tokens = vision_tokens.to(dtype)
         if self.vision.proj is not None:
             tokens = tokens @ self.vision.proj  # to the CLIP embedding width (512 for ViT-B/32)
         return self.projector(tokens)
 
-    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None) -> torch.Tensor:
+    def embed(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None,
+              vision_tokens: torch.Tensor | None = None) -> torch.Tensor:
         """Token embeddings with each image's projected patches written over its <image> tokens."""
         embeds = self.language_model.get_input_embeddings()(input_ids)
-        if pixel_values is None or not len(pixel_values):
+        if (pixel_values is None or not len(pixel_values)) and vision_tokens is None:
             return embeds
-        features = self.image_features(pixel_values).to(embeds.dtype)
+        features = self.image_features(pixel_values, vision_tokens).to(embeds.dtype)
         slots = input_ids == self.config.image_token_id
         if int(slots.sum()) != features.shape[0] * features.shape[1]:
             raise ValueError(f"{int(slots.sum())} image tokens in the prompts but {features.shape[0]} images of "
@@ -121,9 +133,11 @@ class PixelRayForConditionalGeneration(PreTrainedModel):
         return embeds.masked_scatter(slots.unsqueeze(-1), features.reshape(-1, features.shape[-1]))
 
     def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
-                attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None, **kwargs):
-        return self.language_model(inputs_embeds=self.embed(input_ids, pixel_values), attention_mask=attention_mask,
-                                   labels=labels, **kwargs)
+                attention_mask: torch.Tensor | None = None, labels: torch.Tensor | None = None,
+                vision_tokens: torch.Tensor | None = None, **kwargs):
+        """`vision_tokens` (stored patch features) in place of `pixel_values` skip the vision tower."""
+        return self.language_model(inputs_embeds=self.embed(input_ids, pixel_values, vision_tokens),
+                                   attention_mask=attention_mask, labels=labels, **kwargs)
 
     @torch.no_grad()
     def generate(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,

@@ -33,6 +33,20 @@ def ray_address():
 
 
 @pytest.fixture(scope="session")
+def serve_url(ray_address):
+    """Ray Serve (its controller and HTTP proxy) on a free port of 127.0.0.1, started once for the session: each
+    module runs its apps on it and deletes them when it is done."""
+    from ray import serve
+
+    from pixelray.testing import free_port
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()
+
+
+@pytest.fixture(scope="session")
 def tiny_clip(tmp_path_factory) -> Path:
     return save_tiny_open_clip(tmp_path_factory.mktemp("tiny-clip"))
 

@@ -89,6 +89,9 @@ class StageConfig(Strict):
     name: str
     train: list[Part]
     data: str | list[str] | None = None  # this stage's records (default: data.train), e.g. pretrain vs instruct
+    # a feature store (`pixelray embed --patches --encoder MODEL_OR_TOWER`) holding the frozen vision tower's patch
+    # tokens for the records' images: read instead of running the tower (checked to be this model's tower)
+    features: str | None = None
     lora: LoraSettings | None = None  # LoRA adapters on the language model instead of training it whole
     epochs: float = Field(1.0, gt=0)
     max_steps: int | None = Field(None, ge=1)  # optimizer steps; overrides epochs
@@ -116,6 +119,9 @@ class StageConfig(Strict):
                              "`train` (full fine-tuning) or drop `lora`")
         if frozen := sorted(set(self.part_lr) - set(self.train)):
             raise ValueError(f"stage {self.name}: part_lr names {frozen}, which this stage does not train")
+        if self.features and "vision" in self.train:
+            raise ValueError(f"stage {self.name}: stored features stand in for a frozen vision tower; this stage "
+                             "trains it (drop `features`, or vision from `train`)")
         return self
 
 
@@ -214,6 +220,13 @@ class TrainConfig(Strict):
         return self
 
     @model_validator(mode="after")
+    def _features(self) -> TrainConfig:
+        if self.model.family != "pixelray" and (named := [s.name for s in self.stages if s.features]):
+            raise ValueError(f"stages {named}: training from stored features is for the pixelray family, whose "
+                             "projector takes the open_clip tower's patch tokens; hf models train from images")
+        return self
+
+    @model_validator(mode="after")
     def _zero_stage(self) -> TrainConfig:
         stage = self.zero_stage()
         if stage is None:  # a file only the cluster has: DeepSpeed reads it there
@@ -246,7 +259,7 @@ class TrainConfig(Strict):
         if tree["validation"]:
             tree["validation"]["records"] = fix(tree["validation"]["records"])
         for stage in tree["stages"]:
-            stage["data"] = fix(stage["data"])
+            stage["data"], stage["features"] = fix(stage["data"]), fix(stage["features"])
         tree["deepspeed"]["config"] = str(self.deepspeed_path().resolve())
         tree["output_dir"] = tree["output_dir"] if "://" in self.output_dir else str(Path(self.output_dir).resolve())
         return TrainConfig.model_validate(tree)

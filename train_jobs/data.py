@@ -31,6 +31,7 @@ from pixelray.storage import excluded_ids, read_bytes
 from pixelray.train_jobs.config import DataConfig
 
 logger = logging.getLogger(__name__)
+RECORDS_PER_BLOCK = 1000
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 
@@ -46,10 +47,10 @@ def _files(paths: str | list[str]) -> tuple[list[str], str]:
     raise ValueError(f"training data must be .json, .jsonl or .parquet files (or Parquet folders), got {paths}")
 
 
-def read_records(cfg: DataConfig) -> ray.data.Dataset:
+def read_records(cfg: DataConfig, image_bytes: bool = True) -> ray.data.Dataset:
     """Records in either format -> rows {id, images, conversations, data}: `images` the record's image paths
     (one, or several in the order of their `<image>` tags) resolved against `image_root` (default: the data
-    file's folder), `data` the image files' bytes (read in Ray tasks)."""
+    file's folder), `data` the image files' bytes (read in Ray tasks; not with `image_bytes=False`)."""
     paths, kind = _files(cfg.train)
     root = cfg.image_root or posixpath.dirname(paths[0].rstrip("/"))
     convert = {"fmt": cfg.format, "root": root}
@@ -58,12 +59,70 @@ def read_records(cfg: DataConfig) -> ray.data.Dataset:
     else:  # JSON is parsed here, not by Arrow, whose columns cannot hold a path in one record and a list in the next
         read = ray.data.read_text(paths) if kind == "jsonl" else ray.data.read_binary_files(paths)
         ds = read.flat_map(parsed_records, fn_kwargs=convert)
+    # a file is one block however many records it holds: blocks of RECORDS_PER_BLOCK let every stage after this
+    # one (reading images, checking lengths) run in as many tasks as there are cores
+    ds = ds.repartition(target_num_rows_per_block=RECORDS_PER_BLOCK)
     if cfg.exclude:
         ds = ds.map_batches(not_excluded, batch_format="pyarrow", fn_kwargs={"drop": excluded_ids(cfg.exclude)})
-    ds = ds.map_batches(read_image_bytes, batch_format="pyarrow")
+    if image_bytes:
+        ds = with_image_bytes(ds)
     # Rows keep the files' order, so every run (and every resumed run) splits them the same way.
     ds.context.execution_options.preserve_order = True
     return ds
+
+
+def with_stored_features(records: ray.data.Dataset, store: str) -> ray.data.Dataset:
+    """The records (from `read_records(..., image_bytes=False)`) with their image's patch tokens from a feature
+    store in place of image bytes: rows {id, images, conversations, features}; each store row is joined to its
+    records by the image id `pixelray embed` gave it. A record whose image the store holds as an error row
+    (unreadable) is left out with a warning, as one whose image cannot be read is; a record whose image is not in
+    the store at all is an error, as are records of several images. The rows come in the store's order (its
+    files' names, then their rows; an image's records in theirs), the same on every read of a store."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from pixelray.pipelines.store import ERRORS, Store
+
+    table = pa.concat_tables(ray.get(records.to_arrow_refs()))
+    if several := [i for i, paths in zip(table["id"].to_pylist(), table["images"].to_pylist()) if len(paths) > 1]:
+        raise ValueError(f"records {several[:5]} have several images; records train from stored features one "
+                         "image a record (train records of several images from their images)")
+    keys = pa.array([image_id(posixpath.normpath(p[0])) for p in table["images"].to_pylist()], pa.string())
+    table = table.append_column("image_id", keys)
+    feature_store, _ = Store.written(store)
+    stored = feature_store.dataset("features")
+    if stored is None or "patch_features" not in stored.schema.names:
+        raise ValueError(f"{store} holds no patch features: write it with `pixelray embed --patches`")
+    good = pc.is_in(keys, stored.to_table(columns=["image_id"])["image_id"])
+    errors = feature_store.dataset(ERRORS)
+    bad = pc.is_in(keys, errors.to_table(columns=["image_id"])["image_id"]) if errors is not None else \
+        pa.array([False] * len(keys))
+    if missing := pc.sum(pc.invert(pc.or_(good, bad))).as_py():
+        example = table.filter(pc.invert(pc.or_(good, bad)))["images"][0].as_py()[0]
+        raise ValueError(f"{missing} of {len(table)} records have images that {store} does not hold (e.g. "
+                         f"{example}): embed them into it (`pixelray embed ... --patches --resume`)")
+    if dropped := pc.sum(bad).as_py():
+        logger.warning("%d of %d records left out: the store holds their images as errors (unreadable)",
+                       dropped, len(table))
+    kept = table.filter(good).select(["image_id", "id", "images", "conversations"])
+    ref = ray.put(kept.append_column("position", pa.array(np.arange(len(kept)))))
+    features = ray.data.read_parquet(stored.files, filesystem=feature_store.fs, columns=["image_id", "patch_features"])
+    return features.map_batches(_attach_records, batch_format="pyarrow", fn_kwargs={"records": ref})
+
+
+def _attach_records(batch, records):
+    """Store rows -> one row per record of each row's image, with the image's patch tokens as `features`."""
+    import pyarrow as pa
+    from ray.data.extensions import ArrowTensorArray
+
+    records = ray.get(records)
+    rows = pa.table({"image_id": batch["image_id"], "row": pa.array(np.arange(len(batch)))})
+    pairs = rows.join(records.select(["image_id", "position"]), "image_id", use_threads=False)
+    pairs = pairs.sort_by([("row", "ascending"), ("position", "ascending")])  # (a join's output has no set order)
+    features = batch["patch_features"].take(pairs["row"]).combine_chunks()  # [rows] of [patches] of [width]
+    shape = (len(features), features.type.list_size, features.type.value_type.list_size)
+    tokens = ArrowTensorArray.from_numpy(features.flatten().flatten().to_numpy().reshape(shape))
+    return records.select(["id", "images", "conversations"]).take(pairs["position"]).append_column("features", tokens)
 
 
 def held_out(image: str, fraction: float) -> bool:
@@ -119,6 +178,11 @@ def not_excluded(batch, drop: set[str]):
     keep = [all(image_id(posixpath.normpath(p)) not in drop for p in paths)
             for paths in batch.column("images").to_pylist()]
     return batch.filter(pa.array(keep, pa.bool_()))
+
+
+def with_image_bytes(records: ray.data.Dataset) -> ray.data.Dataset:
+    """The records with their image files' bytes (`data`), read in Ray tasks."""
+    return records.map_batches(read_image_bytes, batch_format="pyarrow")
 
 
 def read_image_bytes(batch):
@@ -205,9 +269,16 @@ class PixelRayCollator:
         self.tokenizer, self.max_length, self.packing = tokenizer, max_length, packing
         self.transform = open_clip_transform(open_clip_preprocess_cfg(config.vision_config, config.vision_preprocess))
         self.image_tokens, self.image_token_id = IMAGE_TAG * config.num_image_tokens, config.image_token_id
+        self._known: dict[str, list[int]] = {}  # texts tokenised: the prompts up to a reply repeat from record to
+        # record, and a one-turn record's text through its reply is its whole text
 
     def _ids(self, text: str) -> list[int]:
-        return self.tokenizer(text.replace(IMAGE_TAG, self.image_tokens), add_special_tokens=False)["input_ids"]
+        if (ids := self._known.get(text)) is None:
+            if len(self._known) >= 4096:
+                self._known.clear()
+            ids = self._known[text] = self.tokenizer(text.replace(IMAGE_TAG, self.image_tokens),
+                                                     add_special_tokens=False)["input_ids"]
+        return ids
 
     def encode(self, turns: list[dict[str, str]], record: str = "?") -> tuple[list[int], list[int], int]:
         """(input ids, labels), both cut to max_length, and the uncut length. A cut through an image's tokens (a
@@ -221,7 +292,9 @@ class PixelRayCollator:
         return ids[: self.max_length], labels, len(ids)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-        rows = decoded_rows(batch)
+        stored = "features" in batch  # the vision tower's patch tokens from a feature store (with_stored_features)
+        rows = [{"id": str(i), "conversations": c} for i, c in zip(batch["id"], batch["conversations"])] if stored \
+            else decoded_rows(batch)
         encoded = [self.encode(list(r["conversations"]), r["id"])[:2] for r in rows]
         packs = self._packs([len(ids) for ids, _ in encoded]) if self.packing else [[i] for i in range(len(rows))]
         width = max(sum(len(encoded[i][0]) for i in pack) for pack in packs)
@@ -242,7 +315,10 @@ class PixelRayCollator:
             if self.packing:  # the padding after a row's records: a sequence of its own
                 out["position_ids"][row, start:] = torch.arange(width - start)
         # every image in record order, which is the order of their tokens, row by row
-        out["pixel_values"] = torch.stack([self.transform(image) for r in rows for image in r["images"]])
+        if stored:
+            out["vision_tokens"] = torch.as_tensor(batch["features"])
+        else:
+            out["pixel_values"] = torch.stack([self.transform(image) for r in rows for image in r["images"]])
         return out
 
     def _packs(self, lengths: list[int]) -> list[list[int]]:

@@ -24,7 +24,7 @@ import torch.distributed as dist
 from pixelray.train_jobs.config import StageConfig, TrainConfig, lr_factor
 from pixelray.train_jobs.data import make_collator
 from pixelray.train_jobs.model import (apply_stage, export_model, load_model, param_groups, parameter_table,
-                                       stage_loss, to_device)
+                                       stage_loss, to_device, train_mode)
 from pixelray.train_jobs.validation import validate
 
 CHECKPOINT_TAG = "deepspeed"
@@ -97,6 +97,7 @@ def train_loop(loop_config: dict[str, Any]) -> None:
         optimizer, lambda step: lr_factor(step, stage.warmup_steps, total_steps, stage.min_lr_ratio))
     engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                            config=deepspeed_config(cfg, stage, device))
+    train_mode(engine.module)  # the frozen parts in eval mode (BatchNorm statistics kept, as a feature store has them)
     dtype = next(p.dtype for p in engine.module.parameters())
 
     # 2. Resume: after a worker failure Ray Train hands back this run's last checkpoint; with

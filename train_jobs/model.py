@@ -106,16 +106,14 @@ def pixelray_config(cfg: ModelConfig, source: str | None = None):
 def build_pixelray(cfg: ModelConfig):
     """A new pixelray model: open_clip vision tower (pretrained when a tag is given), a fresh projector,
     and a causal LM (pretrained from a hub id or folder, or random from a config dict)."""
-    import open_clip
     from transformers import AutoModelForCausalLM
 
     from pixelray.vlm import PixelRayForConditionalGeneration
 
     config, tokenizer = pixelray_config(cfg)
-    model = PixelRayForConditionalGeneration(config)
+    model = PixelRayForConditionalGeneration(config)  # (its vision tower is built first: see initial_vision_tower)
     if cfg.vision_pretrained:
-        clip = open_clip.create_model(cfg.vision, pretrained=cfg.vision_pretrained)
-        model.vision.load_state_dict(clip.visual.state_dict())
+        _load_pretrained_tower(model.vision, cfg)
     if isinstance(cfg.text, str):
         lm = AutoModelForCausalLM.from_pretrained(cfg.text)
         lm.resize_token_embeddings(len(tokenizer))
@@ -123,6 +121,69 @@ def build_pixelray(cfg: ModelConfig):
     generation = model.language_model.generation_config
     generation.eos_token_id, generation.pad_token_id = tokenizer.eos_token_id, tokenizer.pad_token_id
     return model, tokenizer
+
+
+def _load_pretrained_tower(tower: nn.Module, cfg: ModelConfig) -> None:
+    import open_clip
+
+    tower.load_state_dict(open_clip.create_model(cfg.vision, pretrained=cfg.vision_pretrained).visual.state_dict())
+
+
+def initial_vision_tower(cfg: ModelConfig, source: str | None, seed: int) -> nn.Module:
+    """The vision tower of the model `load_model(cfg, source)` gives after `torch.manual_seed(seed)` (pixelray
+    family), without the rest: read from the source folder, or built as `build_pixelray` builds it first."""
+    from pixelray.encoders import create_encoder
+    from pixelray.vlm import vision_tower
+
+    source = source or cfg.path
+    if source:
+        return create_encoder(source, device="cpu").visual
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        tower = vision_tower(pixelray_config(cfg)[0])
+    if cfg.vision_pretrained:
+        _load_pretrained_tower(tower, cfg)
+    return tower
+
+
+def check_stored_features(manifest: dict[str, Any], cfg: ModelConfig, source: str | None, seed: int) -> None:
+    """A feature store may stand in for the vision tower only when it holds that tower's patch tokens: written by
+    `pixelray embed --patches` without normalisation, with the model's preprocessing and the very weights of the
+    tower the stage starts from (compared tensor by tensor, BatchNorm statistics included). ValueError if not."""
+    from pixelray.encoders import create_encoder, open_clip_preprocess_cfg
+    from pixelray.vector_index import store_encoder_spec
+
+    name, spec = store_encoder_spec(manifest)
+    wrong = [] if manifest.get("patches") else ["it holds no patch features (embed with --patches)"]
+    if manifest.get("normalize"):
+        wrong.append("its features are L2-normalised (embed without --normalize)")
+    if spec.backend not in ("open_clip", "pixelray"):
+        wrong.append(f"its encoder {name!r} is a transformers model, not the open_clip tower of a pixelray model")
+    if not wrong:
+        config, _ = pixelray_config(cfg, source)
+        expected = open_clip_preprocess_cfg(config.vision_config, config.vision_preprocess)
+        if spec.preprocess != expected:
+            wrong.append(f"its encoder {name!r} preprocesses images as {spec.preprocess}, the model as {expected}")
+    if not wrong:
+        ours = initial_vision_tower(cfg, source, seed).state_dict()
+        theirs = create_encoder(spec, device="cpu").visual.state_dict()
+        if differ := [k for k in ours if k not in theirs or not torch.equal(ours[k], theirs[k])]:
+            wrong.append(f"its encoder {name!r} ({manifest.get('encoder_source')}, pretrained "
+                         f"{manifest.get('pretrained')}) is not the tower this stage starts from: "
+                         f"{len(differ)} of {len(ours)} tensors differ ({', '.join(differ[:3])}, ...)")
+    if wrong:
+        raise ValueError("the feature store cannot stand in for the model's vision tower: " + "; ".join(wrong))
+
+
+def train_mode(model: nn.Module) -> nn.Module:
+    """`model.train()`, except that a module none of whose parameters trains stays in eval mode: a frozen vision
+    tower keeps its BatchNorm statistics and computes what inference (and a feature store) computes."""
+    model.train()
+    for module in model.modules():
+        params = [p.requires_grad for p in module.parameters()]
+        if params and not any(params):
+            module.eval()
+    return model
 
 
 def param_groups(model: nn.Module, stage: StageConfig) -> list[dict[str, Any]]:

@@ -33,9 +33,12 @@ import ray
 import ray.train
 from ray.train.torch import TorchConfig, TorchTrainer
 
+from pixelray.pipelines.store import Store
 from pixelray.train_jobs.config import ContrastiveConfig, TrainConfig, ValidationConfig
-from pixelray.train_jobs.data import PixelRayCollator, check_lengths, read_records, split_held_out
+from pixelray.train_jobs.data import (PixelRayCollator, check_lengths, read_records, split_held_out,
+                                      with_image_bytes, with_stored_features)
 from pixelray.train_jobs.loop import train_loop
+from pixelray.train_jobs.model import check_stored_features
 
 logger = logging.getLogger(__name__)
 
@@ -80,9 +83,11 @@ def run_training(cfg: TrainConfig | ContrastiveConfig, resume: bool = False, ove
             logger.info("stage %s: already trained, skipped", stage.name)
             init_from = str(stage_dir / "model")
             continue
-        source = json.dumps(stage.data or cfg.data.train)
+        if stage.features:
+            check_stored_features(Store.written(stage.features)[1], cfg.model, init_from, cfg.seed)
+        source = json.dumps([stage.data or cfg.data.train, stage.features])
         if source not in datasets:
-            datasets[source] = _records(cfg, json.loads(source))
+            datasets[source] = _records(cfg, *json.loads(source))
             if cfg.model.family == "pixelray":  # once per data source: stages keep the tokenizer and image size
                 for part in filter(None, datasets[source]):
                     logger.info("stage %s: token lengths %s", stage.name, _check_lengths(cfg, part, init_from))
@@ -140,15 +145,17 @@ def run_training(cfg: TrainConfig | ContrastiveConfig, resume: bool = False, ove
     return summary
 
 
-def _records(cfg: TrainConfig, source: str | list[str]) -> tuple[ray.data.Dataset, ray.data.Dataset | None]:
-    """A stage's (training records, validation records or None), materialised."""
-    ds, val = read_records(cfg.data.model_copy(update={"train": source})), cfg.validation
+def _records(cfg: TrainConfig, source: str | list[str], features: str | None) -> tuple[ray.data.Dataset,
+                                                                                      ray.data.Dataset | None]:
+    """A stage's (training records, validation records or None), materialised: the training records with their
+    images, or with `features` their stored patch tokens; the validation records always with their images."""
+    ds, val, held = read_records(cfg.data.model_copy(update={"train": source}), image_bytes=False), cfg.validation, None
     if val and val.fraction:
-        train, held = split_held_out(ds, val.fraction)
-        return train.materialize(), held.materialize()
-    if val:
-        return ds.materialize(), read_records(cfg.data.model_copy(update={"train": val.records})).materialize()
-    return ds.materialize(), None
+        ds, held = split_held_out(ds, val.fraction)
+    elif val:
+        held = read_records(cfg.data.model_copy(update={"train": val.records}), image_bytes=False)
+    ds = with_stored_features(ds, features) if features else with_image_bytes(ds)
+    return ds.materialize(), with_image_bytes(held).materialize() if held is not None else None
 
 
 def _checkpoints(val: ValidationConfig | None) -> ray.train.CheckpointConfig:

@@ -15,7 +15,7 @@ import torch.distributed as dist
 
 from pixelray.metrics import caption_scores, normalize_answer
 from pixelray.train_jobs.config import StageConfig, ValidationConfig
-from pixelray.train_jobs.model import stage_loss, to_device
+from pixelray.train_jobs.model import stage_loss, to_device, train_mode
 
 
 def validate(engine, shard, collate, tokenizer, cfg: ValidationConfig, stage: StageConfig, device: torch.device,
@@ -36,7 +36,7 @@ def validate(engine, shard, collate, tokenizer, cfg: ValidationConfig, stage: St
         if cfg.generate:
             rows = {k: np.concatenate([b[k] for b in sample])[: cfg.generate] for k in sample[0]}
             pairs = generated_replies(engine.module, rows, collate, tokenizer, device, dtype, cfg.max_new_tokens)
-    engine.train()
+    train_mode(engine.module)
     if world > 1:
         dist.all_reduce(total)
         gathered: list[Any] = [None] * world

@@ -137,11 +137,13 @@ def test_train_job_and_stopping_one(cluster, tmp_path):
     train_tokenizer(data / "tokenizer")
     common = ["--config", "train_jobs/configs/debug.yaml", f"model.tokenizer={data / 'tokenizer'}",
               f"data.train={data / 'llava.json'}", "scaling.num_workers=1"]
-    proc = submit(cluster, "train", *common, f"output_dir={tmp_path / 'train'}", timeout=600)
+    proc = submit(cluster, "train", *common, f"output_dir={tmp_path / 'train'}",
+                  "stages=[{name: s, train: [projector], max_steps: 3, batch_size: 4, checkpoint_every: 3}]",
+                  timeout=600)
     assert proc.returncode == 0, proc.stdout[-4000:]
     summary = json.loads((tmp_path / "train" / "summary.json").read_text())
-    assert list(summary["stages"]) == ["stage1", "stage2"] and summary["stages"]["stage2"]["steps"] == 4
-    assert (tmp_path / "train" / "stage2" / "model" / "config.json").exists()
+    assert list(summary["stages"]) == ["s"] and summary["stages"]["s"]["steps"] == 3
+    assert (tmp_path / "train" / "s" / "model" / "config.json").exists()
 
     # a long run: Ctrl-C stops following it, not the job; `pixelray jobs stop` stops it
     follower = subprocess.Popen(

@@ -24,18 +24,16 @@ from pixelray.testing.tiny_mlx import mlx_vlm_server, save_in_subprocess
 
 
 @pytest.fixture(scope="module")
-def llm_v1(ray_address, tiny_text_llm):
+def llm_v1(serve_url, tiny_text_llm):
     """pixelray's own /v1 on 127.0.0.1 serving the tiny text LLM as `tiny-llm`: the hybrid's LLM server."""
     from ray import serve
 
     from pixelray.serve_apps.vlm import build_app
 
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app({"models": [{"name": "tiny-llm", "source": str(tiny_text_llm), "device": "cpu",
                                      "num_cpus": 0.1, "max_new_tokens": 16}]}), name="llm", route_prefix="/")
-    yield f"http://127.0.0.1:{port}/v1"
-    serve.shutdown()
+    yield f"{serve_url}/v1"
+    serve.delete("llm")
 
 
 def test_caption_job_with_the_hybrid(llm_v1, tiny_clip, tmp_path):

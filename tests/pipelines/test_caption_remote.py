@@ -38,18 +38,16 @@ print(json.dumps([[r.text, r.num_tokens] for r in results]))
 
 
 @pytest.fixture(scope="module")
-def upstream(ray_address):
+def upstream(serve_url):
     """`pixelray serve`'s app on 127.0.0.1 with the bundled shapes-demo model, behind an API key."""
     from ray import serve
 
     from pixelray.serve_apps.vlm import build_app
 
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app({"models": [{"name": "shapes-demo", "device": "cpu", "num_cpus": 0.25, "max_batch_size": 16}],
                          "api_key": KEY}), name="upstream", route_prefix="/")
-    yield f"http://127.0.0.1:{port}/v1"
-    serve.shutdown()
+    yield f"{serve_url}/v1"
+    serve.delete("upstream")
 
 
 def by_path(store: Path, table: str) -> dict[str, dict]:

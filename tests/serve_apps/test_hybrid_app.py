@@ -24,18 +24,16 @@ def garbage_llm():
 
 
 @pytest.fixture(scope="module")
-def llm_app(ray_address, tiny_text_llm, tiny_clip, garbage_llm):
+def llm_app(serve_url, tiny_text_llm, tiny_clip, garbage_llm):
     """One Serve app on 127.0.0.1: the tiny text LLM (`tiny-llm`), a hybrid whose LLM is that model
     through the app's own /v1, and hybrids whose LLM server is down or answers garbage."""
     from ray import serve
 
     from pixelray.serve_apps.vlm import build_app
 
-    port = free_port()
-    v1 = f"http://127.0.0.1:{port}/v1"
+    v1 = f"{serve_url}/v1"
     hybrid = f"hybrid:{tiny_clip}?url={v1}&model=tiny-llm&max_retries=1"
     small = {"device": "cpu", "num_cpus": 0.1, "max_new_tokens": 16}
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app({"models": [
         {"name": "tiny-llm", "source": str(tiny_text_llm), **small},
         {"name": "hybrid", "source": hybrid, **small},
@@ -43,8 +41,8 @@ def llm_app(ray_address, tiny_text_llm, tiny_clip, garbage_llm):
                                           "&max_retries=1", **small},
         {"name": "hybrid-garbage", "source": f"hybrid:{tiny_clip}?url={garbage_llm.url}&max_retries=1", **small},
     ]}), name="hybrid", route_prefix="/")
-    yield {"url": f"http://127.0.0.1:{port}", "v1": v1, "hybrid": hybrid}
-    serve.shutdown()
+    yield {"url": serve_url, "v1": v1, "hybrid": hybrid}
+    serve.delete("hybrid")
 
 
 def _hybrid(tiny_clip, v1: str, **llm) -> HybridPixelLLM:

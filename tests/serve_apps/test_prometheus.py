@@ -11,7 +11,7 @@ import pytest
 import requests
 
 from pixelray import telemetry
-from pixelray.testing import free_port, wait_until
+from pixelray.testing import wait_until
 from pixelray.testing.prometheus import metrics_port, scrape, since, total
 
 SHAPES = Path(__file__).resolve().parents[2] / "examples" / "shapes"
@@ -20,18 +20,16 @@ MODEL = "metered"  # a name no other test's series carry
 
 
 @pytest.fixture(scope="module")
-def server(ray_address):
+def server(serve_url):
     from ray import serve
 
     from pixelray.serve_apps.vlm import build_app
 
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app({"models": [{"name": MODEL, "source": "shapes-demo", "device": "cpu", "num_cpus": 0.25,
                                      "max_batch_size": 8, "batch_wait_timeout_s": 0.2}]}),
               name="metered", route_prefix="/")
-    yield f"http://127.0.0.1:{port}"
-    serve.shutdown()
+    yield serve_url
+    serve.delete("metered")
 
 
 def caption(url: str, image: bytes = IMAGE) -> requests.Response:

@@ -16,7 +16,6 @@ import pytest
 import requests
 
 from pixelray.generators.remote import discover
-from pixelray.testing import free_port
 from pixelray.testing.llm_servers import FailingLLM
 
 SHAPES = Path(__file__).resolve().parents[2] / "examples" / "shapes" / "images"
@@ -24,7 +23,7 @@ DELAY = 0.5  # seconds between the slow upstream's chunks
 
 
 @pytest.fixture(scope="module")
-def apps(ray_address, tiny_clip):
+def apps(serve_url, tiny_clip):
     """Two apps on one proxy: `upstream` (the bundled shapes-demo, at /up) and `front` (at /): shapes-demo through
     the remote backend from /up, and a remote and a hybrid model in front of a slowly streaming server."""
     from ray import serve
@@ -32,9 +31,7 @@ def apps(ray_address, tiny_clip):
     from pixelray.serve_apps.vlm import build_app
 
     slow = FailingLLM("ok", delay=DELAY)
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    base = serve_url
     serve.run(build_app({"models": [{"name": "shapes-demo", "device": "cpu", "num_cpus": 0.2}]}),
               name="upstream", route_prefix="/up")
     models = [{"name": "shapes-remote", "source": f"remote:shapes-demo?url={base}/up/v1", "num_cpus": 0.1},
@@ -43,7 +40,8 @@ def apps(ray_address, tiny_clip):
                "num_cpus": 0.1}]
     serve.run(build_app({"models": models}), name="front", route_prefix="/")
     yield base, slow
-    serve.shutdown()
+    serve.delete("front")
+    serve.delete("upstream")
     slow.shutdown()
 
 

@@ -16,7 +16,6 @@ import pytest
 import requests
 
 from pixelray.images import image_id
-from pixelray.testing import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 SHAPES = ROOT / "examples" / "shapes"
@@ -57,14 +56,12 @@ def store(ray_address, encoder_source, tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def server(ray_address, store, encoder_source, tiny_dinov2):
+def server(serve_url, store, encoder_source, tiny_dinov2):
     """Two encoders (the store's, by another name, and a DINOv2 without a text tower) and the store."""
     from ray import serve
 
     from pixelray.serve_apps.vlm import build_app
 
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
     app = build_app({
         "encoders": [{"name": "clip", "source": encoder_source, "device": "cpu", "num_cpus": 0.25},
                      {"name": "dino", "source": str(tiny_dinov2), "device": "cpu", "num_cpus": 0.25}],
@@ -73,8 +70,8 @@ def server(ray_address, store, encoder_source, tiny_dinov2):
         "max_request_bytes": 1_000_000,
     })
     serve.run(app, name="search", route_prefix="/")
-    yield f"http://127.0.0.1:{port}"
-    serve.shutdown()
+    yield serve_url
+    serve.delete("search")
 
 
 def post(url: str, route: str, body, headers: dict | None = None) -> requests.Response:

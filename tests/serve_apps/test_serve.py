@@ -60,14 +60,12 @@ def images_server():
 
 
 @pytest.fixture(scope="module")
-def server(ray_address, tiny_llava, images_server):
+def server(serve_url, tiny_llava, images_server):
     """The app with two models (the bundled shapes-demo and a tiny random LLaVA) and an API key."""
     from ray import serve
 
     from pixelray.serve_apps.vlm import build_app
 
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
     app = build_app({
         "models": [{"name": "shapes-demo", "device": "cpu", "num_cpus": 0.25, "max_batch_size": 8},
                    {"name": "tiny-llava", "source": str(tiny_llava), "device": "cpu", "num_cpus": 0.25,
@@ -77,9 +75,8 @@ def server(ray_address, tiny_llava, images_server):
         "chat_max_turns": 2, "body_timeout_s": 3, "max_prompt_chars": 20_000, "chat_max_image_bytes": 1_000_000,
     })
     serve.run(app, name="vlm", route_prefix="/")
-    url = f"http://127.0.0.1:{port}"
-    yield url
-    serve.shutdown()
+    yield serve_url
+    serve.delete("vlm")
 
 
 def caption(url: str, image: bytes | None, **fields) -> requests.Response:

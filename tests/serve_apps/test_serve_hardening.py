@@ -88,15 +88,13 @@ def origins():
 
 
 @pytest.fixture(scope="module")
-def server(ray_address, origins):
+def server(serve_url, origins):
     """The app with the bundled model, a key, and an allow-list of: 127.0.0.1 on ports 80/443 only, two
     listed ports of 127.0.0.1, and localhost (a name: its loopback address is refused) on every form."""
     from ray import serve
 
     from pixelray.serve_apps.vlm import build_app
 
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
     app = build_app({
         "models": [{"name": "shapes-demo", "device": "cpu", "num_cpus": 0.25, "max_batch_size": 4}],
         "api_key": KEY, "max_image_bytes": MAX_IMAGE_BYTES, "image_url_timeout_s": FETCH_TIMEOUT_S,
@@ -105,8 +103,8 @@ def server(ray_address, origins):
         "allowed_hosts": ["pixelray.internal"],
     })
     serve.run(app, name="hardening", route_prefix="/")
-    yield f"http://127.0.0.1:{port}"
-    serve.shutdown()
+    yield serve_url
+    serve.delete("hardening")
 
 
 def chat_completion(url: str, body, headers: dict | None = None) -> requests.Response:

@@ -18,7 +18,7 @@ import requests
 from PIL import Image
 
 from pixelray.generators import GenerationConfig, create_generator
-from pixelray.testing import free_port, wait_until
+from pixelray.testing import wait_until
 from pixelray.testing.images import random_rgb
 from pixelray.testing.prometheus import metrics_port, scrape, since, total
 
@@ -44,19 +44,17 @@ def messages(seed: int, text: str = "Describe the image.", images: int = 1) -> l
 
 
 @pytest.fixture(scope="module")
-def server(ray_address, tiny_qwen2_vl_h128):
+def server(serve_url, tiny_qwen2_vl_h128):
     from ray import serve
 
     from pixelray.serve_apps.vlm import build_app, deployment_name
 
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
     source = f"vllm:{tiny_qwen2_vl_h128}?max_model_len=2048&max_num_seqs=8&kv_cache_gib=0.25"
     app = build_app({"models": [{"name": "tiny-vllm", "source": source, "dtype": "fp32", "num_cpus": 0.25,
                                  "max_new_tokens": LONG}], "api_key": KEY})
     serve.run(app, name="vlm", route_prefix="/")
-    yield f"http://127.0.0.1:{port}", serve.get_deployment_handle(deployment_name("tiny-vllm"), app_name="vlm")
-    serve.shutdown()
+    yield serve_url, serve.get_deployment_handle(deployment_name("tiny-vllm"), app_name="vlm")
+    serve.delete("vlm")
 
 
 def complete(url: str, **body) -> requests.Response:

@@ -24,7 +24,7 @@ from pydantic import ValidationError
 from pixelray.images import image_id
 from pixelray.llava import IMAGE_TAG
 from pixelray.shapes import train_tokenizer, write_dataset
-from pixelray.train_jobs.config import LoraSettings, StageConfig, load_config
+from pixelray.train_jobs.config import DataConfig, LoraSettings, StageConfig, load_config
 from pixelray.train_jobs.data import PixelRayCollator, held_out, make_collator, read_records, to_messages
 from pixelray.train_jobs.model import apply_stage, load_model, param_groups, parameter_table, part_of, reply_mean_loss
 
@@ -436,6 +436,92 @@ def test_zero3_lora_adapter_round_trip_with_validation(ray_address, shapes_data,
     assert torch.allclose(expected, got, atol=1e-5)
     untrained = PixelRayForConditionalGeneration.from_pretrained(s1 / "model")(**batch).logits
     assert not torch.allclose(untrained, got, atol=1e-4)  # the adapter changed the LM
+
+
+def _initial_model(cfg, seed: int, out: Path) -> Path:
+    """The model a first stage builds from `cfg` under `seed`, saved as a folder (a `model.path`, and an encoder)."""
+    torch.manual_seed(seed)
+    model, tokenizer = load_model(cfg.model)
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+def test_a_feature_store_must_hold_the_models_tower(shapes_data, tiny_dinov2, tmp_path):
+    from pixelray.train_jobs.model import check_stored_features, initial_vision_tower
+
+    cfg = debug_config(tmp_path / "run", shapes_data, "model.vision_stem=[8, 16, 32]")  # BatchNorm in the tower
+    ours, other = _initial_model(cfg, 0, tmp_path / "seed0"), _initial_model(cfg, 1, tmp_path / "seed1")
+    # the tower a stage starts from, built alone, is the one load_model builds first under the seed
+    torch.manual_seed(0)
+    built = load_model(cfg.model)[0].vision.state_dict()
+    alone = initial_vision_tower(cfg.model, None, 0).state_dict()
+    assert built.keys() == alone.keys() and all(torch.equal(built[k], alone[k]) for k in built)
+
+    def manifest(encoder, **settings) -> dict:
+        return {"job": "embed", "encoder": str(encoder), "encoder_source": str(encoder), "pretrained": None,
+                "patches": True, "normalize": False, **settings}
+
+    check_stored_features(manifest(ours), cfg.model, None, seed=0)  # built from scratch under seed 0
+    check_stored_features(manifest(ours), cfg.model, str(ours), seed=5)  # loaded from the folder: no seed involved
+    with pytest.raises(ValueError, match=r"is not the tower this stage starts from: \d+ of \d+ tensors differ"):
+        check_stored_features(manifest(other), cfg.model, None, seed=0)
+    with pytest.raises(ValueError, match="no patch features.*L2-normalised"):
+        check_stored_features(manifest(ours, patches=False, normalize=True), cfg.model, None, seed=0)
+    bundled = ROOT / "pixelray" / "models" / "shapes-demo"  # another pixelray model: 64 px images, not 32
+    with pytest.raises(ValueError, match="preprocesses images as .*'size': 64.*the model as .*'size': 32"):
+        check_stored_features(manifest(bundled), cfg.model, None, seed=0)
+    with pytest.raises(ValueError, match="is a transformers model"):
+        check_stored_features(manifest(tiny_dinov2), cfg.model, None, seed=0)
+    with pytest.raises(ValidationError, match="stored features stand in for a frozen vision tower"):
+        debug_config(tmp_path, shapes_data, f"stages.0.features={tmp_path}", "stages.0.train=[vision, projector]")
+
+
+@pytest.mark.slow
+def test_a_stage_trains_from_stored_features_as_from_its_images(ray_address, shapes_data, tmp_path):
+    """`pixelray embed --patches` with the model's folder as the encoder, then the projector stage from that
+    store: its first batch's loss is the one the images give, and the frozen tower stays untouched (its
+    BatchNorm statistics too). (benchmarks/train_from_features.py compares whole runs.)"""
+    from pixelray.pipelines.config import EmbedConfig
+    from pixelray.pipelines.embed import run_embed
+    from pixelray.train_jobs.data import with_stored_features
+    from pixelray.train_jobs.run import run_training
+    from pixelray.vlm import PixelRayForConditionalGeneration
+
+    stem = "model.vision_stem=[8, 16, 32]"
+    init = _initial_model(debug_config(tmp_path, shapes_data, stem), 0, tmp_path / "init")
+    store = tmp_path / "store"
+    summary = run_embed(EmbedConfig(input=str(shapes_data / "images"), out=str(store), encoder=str(init),
+                                    patches=True, batch_size=16, device="cpu"))
+    assert summary.written == 48 and summary.errors == 0
+    cfg = debug_config(tmp_path / "run", shapes_data, stem, f"model.path={init}", "scaling.num_workers=1",
+                       "stages=[{name: s, train: [projector], max_steps: 4, batch_size: 4, lr: 3.0e-3, log_every: 1, "
+                       f"checkpoint_every: 4, features: {store}}}]")
+    run_training(cfg)
+    history = _history(tmp_path / "run" / "s")
+    assert [h["step"] for h in history] == ["1", "2", "3", "4"]
+    # the first batch (the first 4 records in the store's order: no shuffle) from its images, through the model
+    # the stage started from
+    first = [r["id"] for r in with_stored_features(read_records(cfg.data, image_bytes=False), str(store)).take(4)]
+    by_id = {r["id"]: r for r in json.loads((shapes_data / "llava.json").read_text())}
+    model, tokenizer = load_model(cfg.model, str(init))
+    batch = PixelRayCollator(tokenizer, model.config, cfg.data.max_length)(
+        numpy_batch([by_id[i] for i in first], shapes_data))
+    with torch.no_grad():
+        assert float(history[0]["loss"]) == pytest.approx(model.eval()(**batch).loss.item(), rel=1e-5)
+    start = model.state_dict()
+    trained = PixelRayForConditionalGeneration.from_pretrained(tmp_path / "run" / "s" / "model").state_dict()
+    for name, value in start.items():  # frozen, in eval mode: weights and BatchNorm statistics as they were
+        assert torch.equal(trained[name], value) == (not name.startswith("projector.")), name
+
+    # a record whose image the store does not hold: an error before training, naming it
+    extra = json.loads((shapes_data / "llava.json").read_text())[:2]
+    extra[1] = {**extra[1], "image": "elsewhere/000001.png"}
+    (tmp_path / "extra.json").write_text(json.dumps(extra))
+    with pytest.raises(ValueError, match="1 of 2 records have images that .* does not hold .*elsewhere/000001.png"):
+        records = read_records(DataConfig(train=str(tmp_path / "extra.json"), image_root=str(shapes_data)),
+                               image_bytes=False)
+        with_stored_features(records, str(store))
 
 
 @pytest.mark.slow
