@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -46,6 +47,7 @@ def main() -> None:
 
     init_ray()
     started = time.perf_counter()
+    shutil.rmtree(args.out / "unseen", ignore_errors=True)  # (a folder of another size would be captioned whole)
     data = write_dataset(args.out / "unseen", args.images, seed=7)  # 1.
     teacher = {"model": "shapes-demo", "overwrite": True}  # 2.
     run_caption(CaptionConfig(input=str(data / "images"), out=str(args.out / "captions"), **teacher))
