@@ -32,7 +32,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from pixelray.pipelines.index import StoreFeatures, build_index, faiss, open_index
-from pixelray.pipelines.store import write_parquet_atomic
+from pixelray.store import write_parquet_atomic
 from pixelray.storage import DEDUP_TABLE, split_uri
 
 EXACT_MAX = 50_000  # rows compared all against all

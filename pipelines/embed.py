@@ -25,7 +25,7 @@ from pixelray.pipelines.config import EmbedConfig
 from pixelray.pipelines.decode import decode_rows, error_columns
 from pixelray.pipelines.job import JobSummary, Pass, open_store, start, write
 from pixelray.pipelines.sources import read_images, resolve_input
-from pixelray.pipelines.store import fixed_size_list
+from pixelray.store import fixed_size_list
 
 
 # --- stage 1: decode, validate, preprocess (CPU tasks) -----------------------------------------

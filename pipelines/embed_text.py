@@ -35,7 +35,7 @@ from pixelray.images import image_id
 from pixelray.pipelines.config import EmbedConfig
 from pixelray.pipelines.job import JobSummary, Pass, open_store, start, write
 from pixelray.pipelines.sources import Source, _isin, list_input
-from pixelray.pipelines.store import MANIFEST, Store, fixed_size_list
+from pixelray.store import MANIFEST, Store, fixed_size_list
 from pixelray.storage import split_uri
 
 TEXT_EXTENSIONS = (".parquet", ".jsonl", ".json", ".ndjson")

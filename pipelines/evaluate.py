@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any
 
 from pixelray.metrics import caption_scores, vqa_accuracy
-from pixelray.pipelines.store import Store
+from pixelray.store import Store
 from pixelray.shapes import HELD_OUT_SEED, caption_correct, write_dataset
 
 

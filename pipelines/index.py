@@ -47,8 +47,8 @@ import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-from pixelray.pipelines.lock import StoreLock
-from pixelray.pipelines.store import MANIFEST, Store, atomic_output, write_parquet_atomic
+from pixelray.lock import StoreLock
+from pixelray.store import MANIFEST, Store, atomic_output, write_parquet_atomic
 from pixelray.vector_index import (FEATURES, INDEX_DIR, INDEX_FILE, INFO_FILE, TUNING_FILE, Hit, IndexInfo, RowPart,
                                    StoreIndex, faiss, feature_files, open_index, read_faiss_index)
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import pyarrow.compute as pc
 
-from pixelray.pipelines.store import ERRORS, Store
+from pixelray.store import ERRORS, Store
 
 MAX_CHARS = 100  # a value shown in a row is cut to this
 

@@ -15,7 +15,7 @@ import ray
 from pixelray.errors import TRANSIENT, PixelrayError
 from pixelray.pipelines.progress import Progress
 from pixelray.pipelines.sources import Source, item_ids
-from pixelray.pipelines.store import ERRORS, Store, WriteStats, write_parquet_atomic
+from pixelray.store import ERRORS, Store, WriteStats, write_parquet_atomic
 from pixelray.runtime import PoolPlan, cluster_resources, init_ray, plan_pool
 
 logger = logging.getLogger(__name__)

@@ -27,7 +27,7 @@ import pyarrow as pa
 
 from pixelray.llava import llava_record
 from pixelray.storage import excluded_ids, split_uri
-from pixelray.pipelines.store import Store, atomic_output, where_mask
+from pixelray.store import Store, atomic_output, where_mask
 
 REPLY_COLUMNS = {"caption": "prompt", "answer": "question"}  # a store's reply column -> the column that asked
 

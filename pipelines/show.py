@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow as pa
 
 from pixelray.images import open_image
-from pixelray.pipelines.store import ERRORS, Store, where_mask
+from pixelray.store import ERRORS, Store, where_mask
 
 TEXT_COLUMNS = ("caption", "answer", "text")  # what a row says about its image, first found
 

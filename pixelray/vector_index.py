@@ -33,10 +33,11 @@ from pydantic import BaseModel, ConfigDict
 from pixelray.encoders import Encoder, EncoderSpec, create_encoder, resolve_encoder
 from pixelray.images import ImageInput, as_image
 from pixelray.storage import split_uri
+from pixelray.store import JOB_TABLES, MANIFEST
 
 logger = logging.getLogger(__name__)
 
-MANIFEST, FEATURES = "pixelray.json", "features"  # (pipelines/store.py writes the store)
+FEATURES = JOB_TABLES["embed"]
 INDEX_DIR, INDEX_FILE, INFO_FILE, TUNING_FILE = "index", "index.faiss", "index.json", "tuning.npz"
 
 

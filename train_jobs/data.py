@@ -81,7 +81,7 @@ def with_stored_features(records: ray.data.Dataset, store: str) -> ray.data.Data
     import pyarrow as pa
     import pyarrow.compute as pc
 
-    from pixelray.pipelines.store import ERRORS, Store
+    from pixelray.store import ERRORS, Store
 
     table = pa.concat_tables(ray.get(records.to_arrow_refs()))
     if several := [i for i, paths in zip(table["id"].to_pylist(), table["images"].to_pylist()) if len(paths) > 1]:

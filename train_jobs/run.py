@@ -33,7 +33,7 @@ import ray
 import ray.train
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from pixelray.pipelines.store import Store
+from pixelray.store import Store
 from pixelray.train_jobs.config import ContrastiveConfig, TrainConfig, ValidationConfig
 from pixelray.train_jobs.data import (PixelRayCollator, check_lengths, read_records, split_held_out,
                                       with_image_bytes, with_stored_features)

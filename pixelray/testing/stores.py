@@ -1,4 +1,4 @@
-"""Feature stores written directly in `pixelray embed`'s format (pipelines/store.py), for the tests and
+"""Feature stores written directly in `pixelray embed`'s format (pixelray/store.py), for the tests and
 benchmarks of what reads a store (index, search, dedup) without running an encoder over images."""
 
 from __future__ import annotations

@@ -28,9 +28,9 @@ from pixelray.encoders import resolve_encoder
 from pixelray.images import ImageError, image_id, open_image
 from pixelray.pipelines.caption import CaptionConfig, run_caption
 from pixelray.pipelines.embed import EmbedConfig, run_embed
-from pixelray.pipelines.lock import LOCK_FILE, STALE_S, StoreLock, StoreLockedError
+from pixelray.lock import LOCK_FILE, STALE_S, StoreLock, StoreLockedError
 from pixelray.pipelines.sources import read_images, read_shards, resolve_input
-from pixelray.pipelines.store import Store, write_parquet_atomic
+from pixelray.store import Store, write_parquet_atomic
 from pixelray.testing.images import encode, random_rgb, write_folder
 
 PIXELRAY = str(Path(sys.executable).parent / "pixelray")
@@ -269,7 +269,7 @@ def test_the_lock_of_a_killed_job_does_not_block(ray_address, tiny_dinov2, tmp_p
     cfg = EmbedConfig(input=str(tmp_path / "imgs"), out=str(out), encoder=str(tiny_dinov2))
     manifest = cfg.manifest(resolve_encoder(cfg.encoder))
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import json, sys, time\nfrom pixelray.pipelines.store import Store\n"
+        [sys.executable, "-c", "import json, sys, time\nfrom pixelray.store import Store\n"
          "store = Store(sys.argv[1], 'features')\n"
          "store.prepare(json.loads(sys.argv[2]), resume=False, overwrite=False)\n"
          "print('locked', flush=True)\ntime.sleep(600)", str(out), json.dumps(manifest)],

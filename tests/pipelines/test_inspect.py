@@ -10,7 +10,7 @@ import pytest
 
 from pixelray.pipelines.embed import EmbedConfig, run_embed
 from pixelray.pipelines.inspect import inspect_store
-from pixelray.pipelines.store import Store
+from pixelray.store import Store
 from pixelray.testing.images import write_folder
 
 

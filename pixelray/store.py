@@ -39,7 +39,7 @@ import pyarrow.parquet as pq
 from ray.data import Datasink
 from ray.data.block import Block, BlockAccessor
 
-from pixelray.pipelines.lock import StoreLock
+from pixelray.lock import StoreLock
 from pixelray.storage import split_uri
 
 ERRORS = "errors"
