@@ -97,8 +97,9 @@ def with_stored_features(records: ray.data.Dataset, store: str) -> ray.data.Data
     errors = feature_store.dataset(ERRORS)
     bad = pc.is_in(keys, errors.to_table(columns=["image_id"])["image_id"]) if errors is not None else \
         pa.array([False] * len(keys))
-    if missing := pc.sum(pc.invert(pc.or_(good, bad))).as_py():
-        example = table.filter(pc.invert(pc.or_(good, bad)))["images"][0].as_py()[0]
+    absent = pc.invert(pc.or_(good, bad))
+    if missing := pc.sum(absent).as_py():
+        example = table.filter(absent)["images"][0].as_py()[0]
         raise ValueError(f"{missing} of {len(table)} records have images that {store} does not hold (e.g. "
                          f"{example}): embed them into it (`pixelray embed ... --patches --resume`)")
     if dropped := pc.sum(bad).as_py():

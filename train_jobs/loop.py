@@ -95,6 +95,10 @@ def train_loop(loop_config: dict[str, Any]) -> None:
     # linear warm-up, then cosine decay to min_lr_ratio of the peak
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: lr_factor(step, stage.warmup_steps, total_steps, stage.min_lr_ratio))
+    if device.type == "cpu":  # DeepSpeed's CPU backend compiles a shared-memory all-reduce (a minute or two on a
+        # fresh node) that only tensor-parallel inference calls; marked incompatible in DeepSpeed's table of ops
+        # (one dict for the process, which keeps edits), it is not built
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     engine, optimizer, _, scheduler = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler,
                                                            config=deepspeed_config(cfg, stage, device))
     train_mode(engine.module)  # the frozen parts in eval mode (BatchNorm statistics kept, as a feature store has them)

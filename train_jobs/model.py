@@ -14,12 +14,15 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
 from pixelray.train_jobs.config import ModelConfig, Part, StageConfig
+
+if TYPE_CHECKING:
+    from pixelray.vlm import PixelRayConfig
 
 # First match wins: Qwen2-VL's projector (merger) lives inside its vision tower.
 _PARTS: list[tuple[Part, re.Pattern]] = [
@@ -129,9 +132,11 @@ def _load_pretrained_tower(tower: nn.Module, cfg: ModelConfig) -> None:
     tower.load_state_dict(open_clip.create_model(cfg.vision, pretrained=cfg.vision_pretrained).visual.state_dict())
 
 
-def initial_vision_tower(cfg: ModelConfig, source: str | None, seed: int) -> nn.Module:
+def initial_vision_tower(cfg: ModelConfig, source: str | None, seed: int,
+                         config: PixelRayConfig | None = None) -> nn.Module:
     """The vision tower of the model `load_model(cfg, source)` gives after `torch.manual_seed(seed)` (pixelray
-    family), without the rest: read from the source folder, or built as `build_pixelray` builds it first."""
+    family), without the rest: read from the source folder, or built as `build_pixelray` builds it first (from
+    `config`, that model's `pixelray_config`, when the caller has it)."""
     from pixelray.encoders import create_encoder
     from pixelray.vlm import vision_tower
 
@@ -140,7 +145,7 @@ def initial_vision_tower(cfg: ModelConfig, source: str | None, seed: int) -> nn.
         return create_encoder(source, device="cpu").visual
     with torch.random.fork_rng():
         torch.manual_seed(seed)
-        tower = vision_tower(pixelray_config(cfg)[0])
+        tower = vision_tower(config or pixelray_config(cfg)[0])
     if cfg.vision_pretrained:
         _load_pretrained_tower(tower, cfg)
     return tower
@@ -165,7 +170,7 @@ def check_stored_features(manifest: dict[str, Any], cfg: ModelConfig, source: st
         if spec.preprocess != expected:
             wrong.append(f"its encoder {name!r} preprocesses images as {spec.preprocess}, the model as {expected}")
     if not wrong:
-        ours = initial_vision_tower(cfg, source, seed).state_dict()
+        ours = initial_vision_tower(cfg, source, seed, config).state_dict()
         theirs = create_encoder(spec, device="cpu").visual.state_dict()
         if differ := [k for k in ours if k not in theirs or not torch.equal(ours[k], theirs[k])]:
             wrong.append(f"its encoder {name!r} ({manifest.get('encoder_source')}, pretrained "
