@@ -117,11 +117,12 @@ def test_cli_question_with_qwen2_vl(ray_address, tiny_vlm_dirs, tmp_path):
     assert set(pq.read_table(tmp_path / "o/captions")["question"].to_pylist()) == {"What is it?"}
 
 
-def test_missing_model_fails_before_reading(tmp_path):
+def test_missing_model_fails_before_reading(ray_address, tmp_path, capsys):
+    from pixelray.cli import main
+
     write_folder(tmp_path / "imgs", n_good=1, bad=False)
-    proc = subprocess.run([PIXELRAY, "caption", str(tmp_path / "imgs"), "--out", str(tmp_path / "o"),
-                           "--model", "smolvlm"], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2 and "huggingface-cli download HuggingFaceTB/SmolVLM-Instruct" in proc.stderr
+    assert main(["caption", str(tmp_path / "imgs"), "--out", str(tmp_path / "o"), "--model", "smolvlm"]) == 2
+    assert "huggingface-cli download HuggingFaceTB/SmolVLM-Instruct" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
 

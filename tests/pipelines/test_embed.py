@@ -167,12 +167,12 @@ def test_large_images_are_downscaled_as_they_are_decoded(ray_address, tiny_clip,
     assert relative[[p.name for p in paths].index("small.jpg")] < 1e-5  # not resized at all
 
 
-def test_bad_encoder_fails_before_reading(tmp_path):
+def test_bad_encoder_fails_before_reading(ray_address, tmp_path, capsys):
+    from pixelray.cli import main
+
     write_folder(tmp_path / "imgs", n_good=1, bad=False)
-    proc = subprocess.run([PIXELRAY, "embed", str(tmp_path / "imgs"), "--out", str(tmp_path / "o"),
-                           "--encoder", "dinov2-large"], capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 2
-    assert "huggingface-cli download facebook/dinov2-large" in proc.stderr
+    assert main(["embed", str(tmp_path / "imgs"), "--out", str(tmp_path / "o"), "--encoder", "dinov2-large"]) == 2
+    assert "huggingface-cli download facebook/dinov2-large" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
 

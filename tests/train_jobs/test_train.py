@@ -377,9 +377,6 @@ def test_two_stages_zero2_two_workers(ray_address, shapes_data, tmp_path):
         assert float(h["val_cider"]) >= 0 and float(h["val_exact"]) * 4 in (0, 1, 2, 3, 4)
     best = max(scored, key=lambda h: float(h["val_cider"]))  # (the first of equals, as Ray keeps it)
     assert summary["stages"]["stage2"]["best"]["val_cider"] == float(best["val_cider"])
-    with pytest.raises(ValidationError, match="not offered under ZeRO-3"):
-        debug_config(tmp_path, shapes_data, "deepspeed.config=zero3.json", "validation.fraction=0.25",
-                     "validation.generate=2")
     assert float(history[-1]["loss"]) < float(history[0]["loss"]) - 0.5
     assert (s1 / "loss.png").stat().st_size > 1000 and summary["stages"]["stage2"]["steps"] == 10
     first, second = (PixelRayForConditionalGeneration.from_pretrained(s / "model") for s in (s1, s2))
@@ -396,25 +393,27 @@ def test_two_stages_zero2_two_workers(ray_address, shapes_data, tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.cpu_adam
 def test_zero3_lora_adapter_round_trip_with_validation(ray_address, shapes_data, tmp_path):
-    """ZeRO-3 on two workers, LoRA in stage 2; a quarter of the images held out, their loss measured while
-    training (every worker as many forward passes, as ZeRO-3's gathers need). The memory options on: the
-    optimizer and the parameters offloaded to CPU memory, gradient checkpointing, packed records."""
+    """ZeRO-3 on two workers, a LoRA stage; a quarter of the images held out, their loss measured while training
+    (every worker as many forward passes, as ZeRO-3's gathers need). The memory options on: the optimizer and the
+    parameters offloaded to CPU memory, gradient checkpointing, packed records."""
     from peft import PeftModel
 
     from pixelray.train_jobs.run import run_training
     from pixelray.vlm import PixelRayForConditionalGeneration
 
-    cfg = debug_config(tmp_path / "run", shapes_data, "deepspeed.config=zero3.json", "stages.1.train=[projector]",
-                       "stages.1.lora={r: 4, alpha: 8}", "stages.1.max_steps=8", "stages.1.lr=3e-3",
-                       "stages.1.eval_every=3", "validation.fraction=0.25", "deepspeed.offload_optimizer=true",
-                       "deepspeed.offload_params=true", "model.gradient_checkpointing=true", "data.packing=true")
-    summary = run_training(cfg)["stages"]["stage2"]
-    s1, s2 = (tmp_path / "run" / s for s in ("stage1", "stage2"))
-    history = _history(s2)
+    stage = ("stages=[{name: lora, train: [projector], lora: {r: 4, alpha: 8}, max_steps: 8, batch_size: 4, "
+             "lr: 3.0e-3, log_every: 1, checkpoint_every: 2, eval_every: 3}]")
+    cfg = debug_config(tmp_path / "run", shapes_data, stage, "deepspeed.config=zero3.json", "validation.fraction=0.25",
+                       "deepspeed.offload_optimizer=true", "deepspeed.offload_params=true",
+                       "model.gradient_checkpointing=true", "data.packing=true")
+    summary = run_training(cfg)["stages"]["lora"]
+    out = tmp_path / "run" / "lora"
+    history = _history(out)
     assert float(history[-1]["loss"]) < float(history[0]["loss"])
     assert all(300 < float(h["peak_rss_mib"]) < 24 * 1024 for h in history)  # a worker's peak, on every row
-    assert (s2 / "adapter" / "adapter_config.json").is_file()
+    assert (out / "adapter" / "adapter_config.json").is_file()
 
     # validation: the held-out images' records, never trained on
     records = json.loads((shapes_data / "llava.json").read_text())
@@ -425,16 +424,20 @@ def test_zero3_lora_adapter_round_trip_with_validation(ray_address, shapes_data,
     # the best checkpoint (steps 2, 4, 6, 8) by validation loss, kept beside the last
     assert summary["best"]["step"] == min((2, 4, 6, 8), key=measured.get)
     assert summary["best"]["val_loss"] == measured[summary["best"]["step"]]
-    assert (s2 / "best" / "adapter" / "adapter_config.json").is_file() and (s2 / "best" / "model").is_dir()
-    # base (stage 1) + adapter, merged by peft == the merged model the run exported
-    base = PixelRayForConditionalGeneration.from_pretrained(s1 / "model")
-    merged = PeftModel.from_pretrained(base, s2 / "adapter").merge_and_unload()
-    exported = PixelRayForConditionalGeneration.from_pretrained(s2 / "model")
+    with pytest.raises(ValidationError, match="not offered under ZeRO-3"):
+        debug_config(tmp_path, shapes_data, "deepspeed.config=zero3.json", "validation.fraction=0.25",
+                     "validation.generate=2")
+    assert (out / "best" / "adapter" / "adapter_config.json").is_file() and (out / "best" / "model").is_dir()
+    # the initial model + adapter, merged by peft == the merged model the run exported
+    base = _initial_model(cfg, cfg.seed, tmp_path / "base")
+    merged = PeftModel.from_pretrained(PixelRayForConditionalGeneration.from_pretrained(base),
+                                       out / "adapter").merge_and_unload()
+    exported = PixelRayForConditionalGeneration.from_pretrained(out / "model")
     batch = {"input_ids": torch.tensor([[5, 6, 7, 8]]), "attention_mask": torch.ones(1, 4, dtype=torch.long)}
     with torch.no_grad():
         expected, got = merged(**batch).logits, exported(**batch).logits
     assert torch.allclose(expected, got, atol=1e-5)
-    untrained = PixelRayForConditionalGeneration.from_pretrained(s1 / "model")(**batch).logits
+    untrained = PixelRayForConditionalGeneration.from_pretrained(base)(**batch).logits
     assert not torch.allclose(untrained, got, atol=1e-4)  # the adapter changed the LM
 
 
@@ -549,7 +552,7 @@ def test_killed_job_goes_on_with_resume(shapes_data, tmp_path):
     out = tmp_path / "run"
     args = [sys.executable, "-m", "pixelray.cli", "train", "--config", str(DEBUG), f"output_dir={out}",
             f"model.tokenizer={shapes_data / 'tokenizer'}", f"data.train={shapes_data / 'llava.json'}",
-            "stages=[{name: s, train: [projector], max_steps: 40, batch_size: 4, log_every: 1, checkpoint_every: 3}]",
+            "stages=[{name: s, train: [projector], max_steps: 40, batch_size: 4, log_every: 1, checkpoint_every: 10}]",
             "scaling.num_workers=1"]
     env = {**os.environ, "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.2"}
     proc = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -573,7 +576,7 @@ def test_killed_job_goes_on_with_resume(shapes_data, tmp_path):
                             for p in (out / "s").glob("checkpoint_*/state.json"))
     again = subprocess.run(args + ["--resume"], env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert saved % 3 == 0 and f"stage s: resuming from {checkpoint}" in again.stderr  # (logged)
+    assert saved % 10 == 0 and f"stage s: resuming from {checkpoint}" in again.stderr  # (logged)
     history = _history(out / "s")
     assert [int(h["step"]) for h in history] == list(range(1, 41))
     refused = subprocess.run(args, env=env, capture_output=True, text=True, timeout=120)
