@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -32,22 +30,6 @@ def ray_address():
     ctx = ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield ctx.address_info["gcs_address"]
     ray.shutdown()
-
-
-@pytest.fixture(scope="session", autouse=True)
-def cpu_adam_built_in_background(request):
-    """DeepSpeed compiles its CPU Adam (the optimizer of ZeRO's optimizer offload) the first time one is made: on a
-    fresh environment about 90 s of both cores, which the test that offloads would wait for. When the session has
-    such a test (marked `cpu_adam`), the compile starts with the session at the lowest priority, on the cores the
-    other tests leave idle; the test waits on the build's lock only if it comes first."""
-    if not any(item.get_closest_marker("cpu_adam") for item in request.session.items):
-        yield
-        return
-    build = subprocess.Popen([sys.executable, "-c", "from deepspeed.ops.op_builder import CPUAdamBuilder\n"
-                              "CPUAdamBuilder().load()"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                             preexec_fn=lambda: os.nice(19))
-    yield
-    build.wait(timeout=900)
 
 
 @pytest.fixture(scope="session")

@@ -393,7 +393,6 @@ def test_two_stages_zero2_two_workers(ray_address, shapes_data, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.cpu_adam
 def test_zero3_lora_adapter_round_trip_with_validation(ray_address, shapes_data, tmp_path):
     """ZeRO-3 on two workers, a LoRA stage; a quarter of the images held out, their loss measured while training
     (every worker as many forward passes, as ZeRO-3's gathers need). The memory options on: the optimizer and the
