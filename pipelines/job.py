@@ -14,9 +14,10 @@ import ray
 
 from pixelray.errors import TRANSIENT, PixelrayError
 from pixelray.pipelines.progress import Progress
+from pixelray.pipelines.sink import StoreSink, WriteStats
 from pixelray.pipelines.sources import Source, item_ids
-from pixelray.store import ERRORS, Store, WriteStats, write_parquet_atomic
 from pixelray.runtime import PoolPlan, cluster_resources, init_ray, plan_pool
+from pixelray.store import ERRORS, Store, write_parquet_atomic
 
 logger = logging.getLogger(__name__)
 
@@ -183,7 +184,7 @@ def run_record(summary: JobSummary, started_at: float, error_types: dict[str, in
 def _run(ds: ray.data.Dataset, store: Store, rows_per_file: int, max_task_retries: int, max_errored_blocks: int,
          job: str) -> WriteStats:
     """One pass into the store, leaving out at most `max_errored_blocks` failed blocks (-1: any number)."""
-    sink = store.sink(rows_per_file)  # (a sink per pass: its file names must not repeat an earlier pass's)
+    sink = StoreSink(store, rows_per_file)  # (a sink per pass: its file names must not repeat an earlier pass's)
     ds.context.max_errored_blocks = max_errored_blocks  # this dataset's own copy of Ray Data's settings
     try:
         ds.write_datasink(sink, ray_remote_args={"num_cpus": 0.1, "max_retries": max_task_retries})

@@ -10,7 +10,7 @@
       pixelray.lock        while a job runs: which job holds the store (lock.py)
       quarantine/<table>/  files a resume found unreadable, moved aside (their items are redone)
 
-A job's rows carry an `error` column; `StoreSink` routes rows with an error to
+A job's rows carry an `error` column; `StoreSink` (pipelines/sink.py) routes rows with an error to
 errors/ and the rest to the job's table, in files of at most `rows_per_file`
 rows named `RUN-TASK-CHUNK.parquet`. Each file (the manifest too) is written under a hidden temporary
 name, fsync'ed and then renamed, so a reader (or a resumed run) never sees a half-written file. A rerun
@@ -27,7 +27,6 @@ import os
 import re
 import time
 import uuid
-from dataclasses import dataclass, field
 from typing import Any, Iterable, Iterator
 
 import numpy as np
@@ -36,8 +35,6 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
-from ray.data import Datasink
-from ray.data.block import Block, BlockAccessor
 
 from pixelray.lock import StoreLock
 from pixelray.storage import split_uri
@@ -236,9 +233,6 @@ class Store:
         ds = self.dataset(table)
         return (ds.count_rows(), len(ds.files)) if ds is not None else (0, 0)
 
-    def sink(self, rows_per_file: int) -> "StoreSink":
-        return StoreSink(self, rows_per_file)
-
 
 @contextlib.contextmanager
 def atomic_output(fs: pafs.FileSystem, path: str) -> Iterator[Any]:
@@ -288,57 +282,6 @@ def write_parquet_atomic(table: pa.Table, fs: pafs.FileSystem, path: str) -> Non
     """Write a Parquet file atomically and durably (see atomic_output)."""
     with atomic_output(fs, path) as f:
         pq.write_table(table, f, compression="zstd")
-
-
-@dataclass
-class WriteStats:
-    rows: int = 0
-    errors: int = 0
-    files: list[str] = field(default_factory=list)
-    error_types: dict[str, int] = field(default_factory=dict)  # error rows by error_type
-
-
-class StoreSink(Datasink[WriteStats]):
-    """Ray Data sink: good rows to the store's table, rows with an `error` to errors/."""
-
-    def __init__(self, store: Store, rows_per_file: int):
-        self.store, self.rows_per_file = store, rows_per_file
-        self.run_id = time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]
-        self.stats = WriteStats()
-
-    @property
-    def min_rows_per_write(self) -> int:
-        return self.rows_per_file
-
-    def write(self, blocks: Iterable[Block], ctx) -> WriteStats:
-        tables = [BlockAccessor.for_block(b).to_arrow() for b in blocks]
-        tables = [t for t in tables if t.num_rows]
-        stats = WriteStats()
-        if not tables:
-            return stats
-        table = pa.concat_tables(tables, promote_options="default")
-        failed = pc.is_valid(table["error"])
-        good = table.filter(pc.invert(failed)).drop_columns(["error_type", "error"])
-        context = [c for c in (self.store.key, *ERROR_CONTEXT) if c in table.column_names]
-        bad = table.filter(failed).select(list(dict.fromkeys(context)) + ["error_type", "error"])
-        for sub, part in ((ERRORS, bad), (self.store.table, good)):
-            for chunk, start in enumerate(range(0, part.num_rows, self.rows_per_file)):
-                name = f"{sub}/{self.run_id}-{ctx.task_idx:06d}-{chunk:04d}.parquet"
-                write_parquet_atomic(part.slice(start, self.rows_per_file), self.store.fs,
-                                     f"{self.store.root}/{name}")
-                stats.files.append(name)
-        stats.rows, stats.errors = good.num_rows, bad.num_rows
-        stats.error_types = {kind: int(n) for kind, n in zip(*np.unique(bad["error_type"].to_numpy(zero_copy_only=False),
-                                                                          return_counts=True))}
-        return stats
-
-    def on_write_complete(self, write_result) -> None:
-        for s in write_result.write_returns:
-            self.stats.rows += s.rows
-            self.stats.errors += s.errors
-            self.stats.files += s.files
-            for kind, n in s.error_types.items():
-                self.stats.error_types[kind] = self.stats.error_types.get(kind, 0) + n
 
 
 CONDITION = re.compile(r"^(?P<column>[\w.]+)\s*(?P<op>!=|=|~)\s*(?P<value>.*)$")
